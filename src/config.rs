@@ -1,0 +1,165 @@
+//! The gateway's configuration, read once from flags and `EVENTGATE_*` / `DATABASE_URL`
+//! environment variables and passed down.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::hub;
+
+/// Default address of `serve`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default pooled connections for reads and writes (the LISTEN connection is extra).
+pub const DEFAULT_POOL_SIZE: usize = 16;
+/// Default interval between keep-alive comments (browsers and proxies drop idle
+/// streams at about 30 s).
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Default `retry:` hint, in milliseconds.
+pub const DEFAULT_RETRY_MS: u64 = 2000;
+/// Default cap on open connections; above it, new ones get 503.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 50_000;
+/// Default time a client has to send its request headers (slowloris guard).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default deadline of the drain at shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default largest request body, in bytes.
+pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+/// Default and largest events per polling page.
+pub const DEFAULT_PAGE: i64 = 200;
+pub const MAX_PAGE: i64 = 1000;
+
+/// Everything `serve` needs.
+#[derive(Clone)]
+pub struct Config {
+    /// Connection string; never printed (it may hold a password).
+    pub database_url: String,
+    pub pool_size: usize,
+    pub keep_alive: Duration,
+    pub retry_ms: u64,
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub max_body: usize,
+    pub max_page: i64,
+    pub hub: hub::Settings,
+}
+
+impl Config {
+    /// Defaults for everything but the database.
+    pub fn new(database_url: impl Into<String>) -> Config {
+        Config {
+            database_url: database_url.into(),
+            pool_size: DEFAULT_POOL_SIZE,
+            keep_alive: DEFAULT_KEEP_ALIVE,
+            retry_ms: DEFAULT_RETRY_MS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_body: DEFAULT_MAX_BODY,
+            max_page: MAX_PAGE,
+            hub: hub::Settings::default(),
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("pool_size", &self.pool_size)
+            .field("keep_alive", &self.keep_alive)
+            .field("retry_ms", &self.retry_ms)
+            .field("max_connections", &self.max_connections)
+            .field("header_timeout", &self.header_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("max_body", &self.max_body)
+            .field("max_page", &self.max_page)
+            .field("hub", &self.hub)
+            .finish()
+    }
+}
+
+/// A connection string with its password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    // postgres://user:password@host/db -> postgres://user:***@host/db
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((userinfo, host)) = rest.rsplit_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                return format!("{scheme}://{user}:***@{host}");
+            }
+        }
+        return url.to_string();
+    }
+    // key=value form: hide password=...
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h`, `30d` or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration: {text:?}"))?;
+    let seconds = match unit {
+        "" | "s" => number,
+        "ms" => number / 1000.0,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        "d" => number * 86400.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {text:?} (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("invalid duration: {text:?}"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Parses a listen address.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("invalid listen address {text:?} (expected host:port)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_print() {
+        let c = Config::new("postgres://me:hunter2@db:5432/x");
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(
+            redact_url("host=db password=hunter2 user=me"),
+            "host=db password=*** user=me"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86400)
+        );
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("7y").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

@@ -1,0 +1,447 @@
+//! The hub: per-job state shared by every subscriber of a job.
+//!
+//! A job's state is created by its first subscriber and dropped a while after its last
+//! one left. It holds the highest seq it has broadcast, a bounded ring of recent
+//! batches (so a reconnect inside the window costs no query) and the sending half of a
+//! `tokio::sync::broadcast` channel of shared, already-encoded batches.
+//!
+//! Reads are driven by notifications: a notification for a job with state starts one
+//! read task for that job, and notifications arriving while it runs only mark it dirty,
+//! so a burst costs one or two reads whatever the number of subscribers. The read takes
+//! `seq > last_seq`, which is a contiguous range because seqs are gap-free and
+//! commit-ordered (see `sql/`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use deadpool_postgres::Pool;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::metrics::Metrics;
+use crate::sse::{self, Batch, End};
+use crate::store;
+
+/// Events per table read.
+pub const READ_PAGE: i64 = 1000;
+
+/// Tuning of the hub; see `Config` for the flags that set it.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Capacity of each job's broadcast channel, in batches.
+    pub channel_capacity: usize,
+    /// Most events kept in a job's ring.
+    pub ring_events: usize,
+    /// Most bytes of frames kept in a job's ring.
+    pub ring_bytes: usize,
+    /// How long a job's state outlives its last subscriber.
+    pub idle_grace: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            channel_capacity: 256,
+            ring_events: 4096,
+            ring_bytes: 4 << 20,
+            idle_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a job's broadcast channel carries.
+#[derive(Debug, Clone)]
+pub enum Item {
+    /// New events.
+    Batch(Arc<Batch>),
+    /// Nothing happened for a while: write a keep-alive comment.
+    KeepAlive,
+    /// The gateway is shutting down: tell the client when to come back and end.
+    Shutdown,
+}
+
+/// The hub. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    /// A std Mutex: nothing awaits while it is held.
+    jobs: Mutex<HashMap<Uuid, Arc<Job>>>,
+    shutting_down: AtomicBool,
+}
+
+/// The shared state of one job.
+pub struct Job {
+    id: Uuid,
+    tx: broadcast::Sender<Item>,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Highest seq broadcast (or known to exist when the state was made).
+    last_seq: i64,
+    /// Recent batches, oldest first; together they cover `ring_first..=last_seq`.
+    ring: VecDeque<Arc<Batch>>,
+    ring_events: usize,
+    ring_bytes: usize,
+    /// Set once the job's final status event has been seen at the end of the table.
+    end: Option<End>,
+    /// A read task is running for this job.
+    reading: bool,
+    /// A notification arrived while the read task ran: read again.
+    dirty: bool,
+    /// When the last subscriber left (the janitor's clock).
+    idle_since: Option<Instant>,
+}
+
+/// Where a new subscriber starts.
+pub enum Start {
+    /// The job does not exist.
+    NotFound,
+    /// The job is finished and the cursor is at its end.
+    Finished,
+    /// Subscribed: items sent after this call arrive on `rx`.
+    Live(Subscription),
+}
+
+/// A subscriber's handle on its job.
+pub struct Subscription {
+    pub job: Arc<Job>,
+    pub rx: broadcast::Receiver<Item>,
+}
+
+/// What the ring can give a subscriber resuming after some seq.
+pub enum CatchUp {
+    /// Frames (possibly none) bringing it up to the hub's `last_seq`.
+    Frames(Vec<Bytes>, i64),
+    /// The ring does not reach back that far: read the table.
+    Table,
+}
+
+impl Hub {
+    pub fn new(pool: Pool, settings: Settings, metrics: Arc<Metrics>) -> Hub {
+        Hub {
+            inner: Arc::new(Inner {
+                pool,
+                settings,
+                metrics,
+                jobs: Mutex::new(HashMap::new()),
+                shutting_down: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Number of jobs with state.
+    pub fn job_count(&self) -> usize {
+        self.jobs().len()
+    }
+
+    fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<Job>>> {
+        self.inner.jobs.lock().expect("hub lock poisoned")
+    }
+
+    /// Subscribes to a job, creating its state if needed. `after` is the subscriber's
+    /// cursor, used only to answer `Finished` without subscribing.
+    ///
+    /// The receiver is made before the caller reads anything, so any event the
+    /// caller's backfill misses arrives on it (subscribe first, then read).
+    pub async fn subscribe(&self, job_id: Uuid, after: i64) -> Result<Start, crate::Error> {
+        if let Some(start) = self.subscribe_existing(job_id, after) {
+            return Ok(start);
+        }
+        // First subscriber: learn where the job is. Outside the map's lock (it awaits).
+        let client = self.inner.pool.get().await?;
+        let Some((status, last_seq)) = store::job_cursor(&client, job_id).await? else {
+            return Ok(Start::NotFound);
+        };
+        drop(client);
+        let end = sse::is_terminal(&status).then(|| End { status, last_seq });
+        if let Some(end) = &end {
+            if after >= end.last_seq {
+                return Ok(Start::Finished);
+            }
+        }
+        let (subscription, created) = {
+            let mut jobs = self.jobs();
+            let mut created = false;
+            let job = jobs
+                .entry(job_id)
+                .or_insert_with(|| {
+                    created = true;
+                    Arc::new(Job::new(job_id, last_seq, end, &self.inner.settings))
+                })
+                .clone();
+            // Subscribe under the map's lock, so the janitor cannot drop the state
+            // between our lookup and our subscription.
+            let rx = job.tx.subscribe();
+            job.lock().idle_since = None;
+            (Subscription { job, rx }, created)
+        };
+        if created {
+            self.inner.metrics.jobs_created.inc();
+            // Events committed between our query and the state's insertion may have
+            // been notified while no state existed: read once to pick them up.
+            self.wake(job_id, i64::MAX);
+        }
+        Ok(Start::Live(subscription))
+    }
+
+    fn subscribe_existing(&self, job_id: Uuid, after: i64) -> Option<Start> {
+        let jobs = self.jobs();
+        let job = jobs.get(&job_id)?;
+        let mut state = job.lock();
+        if let Some(end) = &state.end {
+            if after >= end.last_seq {
+                return Some(Start::Finished);
+            }
+        }
+        state.idle_since = None;
+        let rx = job.tx.subscribe();
+        drop(state);
+        Some(Start::Live(Subscription {
+            job: job.clone(),
+            rx,
+        }))
+    }
+
+    /// A notification `job_id:max_seq` (or a sweep, with `i64::MAX`): read the job's
+    /// new events unless a read is already running, in which case it reads again.
+    pub fn wake(&self, job_id: Uuid, max_seq: i64) {
+        let Some(job) = self.jobs().get(&job_id).cloned() else {
+            return;
+        };
+        {
+            let mut state = job.lock();
+            if max_seq <= state.last_seq {
+                return;
+            }
+            if state.reading {
+                state.dirty = true;
+                return;
+            }
+            state.reading = true;
+        }
+        let hub = self.clone();
+        tokio::spawn(async move { hub.read_loop(job).await });
+    }
+
+    /// Wakes every job with state: after the LISTEN connection came back, anything
+    /// may have been missed.
+    pub fn sweep(&self) {
+        let ids: Vec<Uuid> = self.jobs().keys().copied().collect();
+        tracing::debug!(jobs = ids.len(), "sweeping active jobs");
+        for id in ids {
+            self.wake(id, i64::MAX);
+        }
+    }
+
+    /// Reads and broadcasts until the job has nothing new and no notification is
+    /// pending. One of these runs per job at most.
+    async fn read_loop(&self, job: Arc<Job>) {
+        let mut backoff = Backoff::new();
+        loop {
+            if self.inner.shutting_down.load(Ordering::Relaxed) {
+                job.lock().reading = false;
+                return;
+            }
+            let after = job.lock().last_seq;
+            let events = match self.read(job.id, after).await {
+                Ok(events) => {
+                    backoff.reset();
+                    events
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job.id, error = %e, "reading events failed; retrying");
+                    tokio::time::sleep(backoff.next()).await;
+                    continue;
+                }
+            };
+            let full = events.len() as i64 == READ_PAGE;
+            if !events.is_empty() {
+                let batch = Arc::new(Batch::encode(&events, !full));
+                self.inner.metrics.batches_encoded.inc();
+                job.publish(batch, &self.inner.settings);
+            }
+            let mut state = job.lock();
+            if full || state.dirty {
+                state.dirty = false;
+                continue;
+            }
+            state.reading = false;
+            return;
+        }
+    }
+
+    async fn read(&self, job_id: Uuid, after: i64) -> Result<Vec<sse::Event>, crate::Error> {
+        let client = self.inner.pool.get().await?;
+        self.inner.metrics.table_reads_live.inc();
+        let events = store::events_after(&client, job_id, after, None, READ_PAGE).await;
+        if let Err(e) = &events {
+            if crate::db::is_connection_error(e) {
+                // Do not hand a broken connection back to the pool.
+                let _ = deadpool_postgres::Object::take(client);
+            }
+        }
+        Ok(events?)
+    }
+
+    /// Sends a keep-alive to every job's subscribers.
+    pub fn keep_alive(&self) {
+        for job in self.jobs().values() {
+            let _ = job.tx.send(Item::KeepAlive);
+        }
+    }
+
+    /// Drops the state of jobs that have had no subscriber for the grace period.
+    pub fn drop_idle(&self) {
+        let now = Instant::now();
+        let grace = self.inner.settings.idle_grace;
+        let mut jobs = self.jobs();
+        jobs.retain(|_, job| {
+            let mut state = job.lock();
+            if job.tx.receiver_count() > 0 || state.reading {
+                state.idle_since = None;
+                return true;
+            }
+            let since = *state.idle_since.get_or_insert(now);
+            now.duration_since(since) < grace
+        });
+    }
+
+    /// Tells every stream to end; new subscriptions are refused from now on.
+    pub fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Relaxed);
+        for job in self.jobs().values() {
+            let _ = job.tx.send(Item::Shutdown);
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Subscribers per job, summed.
+    pub fn subscriber_count(&self) -> usize {
+        self.jobs().values().map(|j| j.tx.receiver_count()).sum()
+    }
+}
+
+impl Job {
+    fn new(id: Uuid, last_seq: i64, end: Option<End>, settings: &Settings) -> Job {
+        let (tx, _) = broadcast::channel(settings.channel_capacity);
+        Job {
+            id,
+            tx,
+            state: Mutex::new(State {
+                last_seq,
+                ring: VecDeque::new(),
+                ring_events: 0,
+                ring_bytes: 0,
+                end,
+                reading: false,
+                dirty: false,
+                idle_since: None,
+            }),
+        }
+    }
+
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("job lock poisoned")
+    }
+
+    /// Appends a batch to the ring and broadcasts it. Both happen under the state lock,
+    /// so a subscriber that takes the lock sees each batch either in the ring or later
+    /// on its receiver.
+    fn publish(&self, batch: Arc<Batch>, settings: &Settings) {
+        let mut state = self.lock();
+        if batch.last_seq() <= state.last_seq {
+            return;
+        }
+        debug_assert_eq!(
+            batch.first_seq(),
+            state.last_seq + 1,
+            "reads are contiguous"
+        );
+        state.last_seq = batch.last_seq();
+        if let Some(end) = batch.end() {
+            state.end = Some(end.clone());
+        }
+        state.ring_events += batch.len_events();
+        state.ring_bytes += batch.len_bytes();
+        state.ring.push_back(batch.clone());
+        while state.ring.len() > 1
+            && (state.ring_events > settings.ring_events || state.ring_bytes > settings.ring_bytes)
+        {
+            let old = state.ring.pop_front().expect("ring is not empty");
+            state.ring_events -= old.len_events();
+            state.ring_bytes -= old.len_bytes();
+        }
+        // No receivers is fine: the ring keeps it for the next one.
+        let _ = self.tx.send(Item::Batch(batch));
+    }
+
+    /// The frames after `after` that the ring holds, if it reaches back that far.
+    pub fn catch_up(&self, after: i64) -> CatchUp {
+        let state = self.lock();
+        if after >= state.last_seq {
+            return CatchUp::Frames(Vec::new(), state.last_seq);
+        }
+        match state.ring.front() {
+            Some(first) if first.first_seq() <= after + 1 => {
+                let frames = state.ring.iter().filter_map(|b| b.after(after)).collect();
+                CatchUp::Frames(frames, state.last_seq)
+            }
+            _ => CatchUp::Table,
+        }
+    }
+
+    /// The job's end, once known.
+    pub fn end(&self) -> Option<End> {
+        self.lock().end.clone()
+    }
+}
+
+/// Exponential backoff with jitter, from 50 ms up to 2 s.
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(50);
+    const MAX: Duration = Duration::from_secs(2);
+
+    pub(crate) fn new() -> Backoff {
+        Backoff { next: Self::FIRST }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    pub(crate) fn next(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        // Up to 50 % jitter so many waiters do not retry in step.
+        base + base.mul_f64(fastrand::f64() * 0.5)
+    }
+}

@@ -1,0 +1,144 @@
+//! The one LISTEN connection of a gateway.
+//!
+//! A dedicated connection (not from the pool: a pooled connection would be recycled and
+//! lose its LISTEN) driven with `poll_message`, so notifications are read as they come.
+//! When it drops, it reconnects with backoff, re-LISTENs, and only then sweeps every job
+//! that has subscribers: anything committed while it was down is read from the table.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio_postgres::{AsyncMessage, NoTls};
+use uuid::Uuid;
+
+use crate::hub::{Backoff, Hub};
+use crate::status::StatusFeed;
+
+/// Channel of event hints, payload `<job_id>:<max_seq>`.
+pub const EVENTS_CHANNEL: &str = "agent_job_events";
+/// Channel of job status changes, payload `<job_id>:<status>`.
+pub const STATUS_CHANNEL: &str = "agent_job_status";
+
+/// Whether the LISTEN connection is up; read by `/readyz`.
+#[derive(Debug, Default, Clone)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn is_up(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, up: bool) {
+        self.0.store(up, Ordering::Relaxed)
+    }
+}
+
+/// Runs the listener until `shutdown` turns true.
+pub async fn run(
+    url: String,
+    hub: Hub,
+    feed: StatusFeed,
+    ready: Readiness,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new();
+    let mut first = true;
+    loop {
+        tokio::select! {
+            result = session(&url, &hub, &feed, &ready, first) => {
+                ready.set(false);
+                match result {
+                    Ok(()) => tracing::warn!("listen connection closed; reconnecting"),
+                    Err(e) => tracing::warn!(error = %e, "listen connection failed; reconnecting"),
+                }
+            }
+            _ = shutdown.wait_for(|stop| *stop) => {
+                ready.set(false);
+                return;
+            }
+        }
+        first = false;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next()) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        if ready.is_up() {
+            backoff.reset();
+        }
+    }
+}
+
+/// One connection's life: connect, LISTEN, sweep, then dispatch notifications until
+/// the connection ends.
+async fn session(
+    url: &str,
+    hub: &Hub,
+    feed: &StatusFeed,
+    ready: &Readiness,
+    first: bool,
+) -> Result<(), crate::Error> {
+    let config = crate::db::config(url)?;
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (msg_tx, mut msg_rx) = tokio::sync::mpsc::unbounded_channel();
+    // The connection is driven here, not on a task of its own, so this function sees it
+    // end. Messages go through a channel so the client can run LISTEN meanwhile.
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let drive = async move {
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(message) => {
+                    if msg_tx.send(message).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => return Err(crate::Error::from(e)),
+            }
+        }
+        Ok(())
+    };
+    let setup = async {
+        client
+            .batch_execute(&format!(
+                "LISTEN {EVENTS_CHANNEL}; LISTEN {STATUS_CHANNEL};"
+            ))
+            .await?;
+        ready.set(true);
+        if !first {
+            hub.metrics().listener_reconnects.inc();
+        }
+        tracing::info!("listening for notifications");
+        // Only now, with LISTEN in place, can nothing slip between the sweep and the
+        // next notification.
+        hub.sweep();
+        feed.sweep();
+        while let Some(message) = msg_rx.recv().await {
+            if let AsyncMessage::Notification(n) = message {
+                dispatch(hub, feed, n.channel(), n.payload());
+            }
+        }
+        Ok::<(), crate::Error>(())
+    };
+    tokio::select! {
+        r = drive => r,
+        r = setup => r,
+    }
+}
+
+fn dispatch(hub: &Hub, feed: &StatusFeed, channel: &str, payload: &str) {
+    hub.metrics().notifications.inc();
+    let Some((id, rest)) = payload.split_once(':') else {
+        tracing::debug!(channel, payload, "ignoring malformed notification");
+        return;
+    };
+    let Ok(id) = id.parse::<Uuid>() else {
+        tracing::debug!(channel, payload, "ignoring malformed notification");
+        return;
+    };
+    match channel {
+        EVENTS_CHANNEL => hub.wake(id, rest.parse().unwrap_or(i64::MAX)),
+        STATUS_CHANNEL => feed.changed(id),
+        _ => {}
+    }
+}

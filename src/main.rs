@@ -1,0 +1,162 @@
+//! The `eventgate` binary: parses flags, sets up logging, and calls the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use eventgate::config::{self, Config};
+
+#[derive(Parser)]
+#[command(
+    name = "eventgate",
+    version,
+    about = "Live job output from PostgreSQL to browsers over SSE"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Apply the migrations of sql/ (safe to run again).
+    Migrate(DbArgs),
+    /// Run a command and stream its output into a job.
+    Run {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        args: eventgate::worker::RunArgs,
+    },
+    /// Everything with no set-up: a throwaway PostgreSQL, the gateway and demo jobs.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct DbArgs {
+    /// PostgreSQL connection string.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    gateway: GatewayArgs,
+}
+
+#[derive(clap::Args)]
+struct GatewayArgs {
+    /// Address to listen on.
+    #[arg(long, env = "EVENTGATE_LISTEN", default_value = config::DEFAULT_LISTEN, value_parser = config::parse_listen)]
+    listen: std::net::SocketAddr,
+    /// Pooled database connections (the LISTEN connection is one more).
+    #[arg(long, env = "EVENTGATE_POOL_SIZE", default_value_t = config::DEFAULT_POOL_SIZE)]
+    pool_size: usize,
+    /// Interval between keep-alive comments on idle streams.
+    #[arg(long, env = "EVENTGATE_KEEP_ALIVE", default_value = "15s", value_parser = config::parse_duration)]
+    keep_alive: std::time::Duration,
+    /// `retry:` hint sent to browsers, in milliseconds.
+    #[arg(long, env = "EVENTGATE_RETRY_MS", default_value_t = config::DEFAULT_RETRY_MS)]
+    retry_ms: u64,
+    /// Most open connections; more get 503 with Retry-After.
+    #[arg(long, env = "EVENTGATE_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Time a client has to send its request headers.
+    #[arg(long, env = "EVENTGATE_HEADER_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
+    header_timeout: std::time::Duration,
+    /// Deadline of the drain on SIGTERM/Ctrl-C.
+    #[arg(long, env = "EVENTGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = config::parse_duration)]
+    shutdown_grace: std::time::Duration,
+    /// Largest request body in bytes (larger gets 413).
+    #[arg(long, env = "EVENTGATE_MAX_BODY", default_value_t = config::DEFAULT_MAX_BODY)]
+    max_body: usize,
+}
+
+impl GatewayArgs {
+    fn config(&self, database_url: String) -> Config {
+        let mut config = Config::new(database_url);
+        config.pool_size = self.pool_size;
+        config.keep_alive = self.keep_alive;
+        config.retry_ms = self.retry_ms;
+        config.max_connections = self.max_connections;
+        config.header_timeout = self.header_timeout;
+        config.shutdown_grace = self.shutdown_grace;
+        config.max_body = self.max_body;
+        config
+    }
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Use this database instead of a throwaway cluster.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    #[command(flatten)]
+    gateway: GatewayArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("eventgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await.map(|()| 0),
+            Command::Migrate(args) => migrate(&args.database_url).await.map(|()| 0),
+            Command::Run { db, args } => {
+                Ok(eventgate::worker::run_cli(&db.database_url, args).await)
+            }
+            Command::Demo(args) => {
+                let config = args.gateway.config(String::new());
+                eventgate::demo::run(args.database_url, args.gateway.listen, config)
+                    .await
+                    .map(|()| 0)
+            }
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("eventgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), eventgate::Error> {
+    let config = args.gateway.config(args.db.database_url);
+    let listener = tokio::net::TcpListener::bind(args.gateway.listen)
+        .await
+        .map_err(|e| {
+            eventgate::Error::config(format!("cannot listen on {}: {e}", args.gateway.listen))
+        })?;
+    eventgate::server::run(listener, config, eventgate::server::shutdown_signal()).await
+}
+
+async fn migrate(url: &str) -> Result<(), eventgate::Error> {
+    let applied = eventgate::db::migrate(url).await?;
+    if applied.is_empty() {
+        println!("schema is up to date");
+    } else {
+        for name in applied {
+            println!("applied {name}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! The gateway process: accept loop, background tasks and graceful shutdown.
+//!
+//! [`run`] owns everything it starts. Each background task gets the shutdown signal and
+//! is awaited before `run` returns, so tests can start and stop gateways at will.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::listen::{self, Readiness};
+use crate::metrics::Metrics;
+use crate::routes::{self, App};
+use crate::status::StatusFeed;
+
+/// How often idle jobs are looked for.
+const JANITOR_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Runs a gateway on `listener` until `shutdown` completes, then drains: streams are
+/// told to come back later and end, and connections get `shutdown_grace` to finish.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), crate::Error> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::default());
+    let pool = crate::db::pool(&config.database_url, config.pool_size)?;
+    let hub = Hub::new(pool.clone(), config.hub.clone(), metrics.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (feed, feed_task) = StatusFeed::start(pool.clone(), stop_rx.clone());
+    let ready = Readiness::default();
+
+    let listener_task = tokio::spawn(listen::run(
+        config.database_url.clone(),
+        hub.clone(),
+        feed.clone(),
+        ready.clone(),
+        stop_rx.clone(),
+    ));
+    let ticker_task = tokio::spawn(tick(
+        hub.clone(),
+        feed.clone(),
+        config.keep_alive,
+        stop_rx.clone(),
+    ));
+
+    let app = Arc::new(App {
+        hub: hub.clone(),
+        feed: feed.clone(),
+        pool,
+        config: config.clone(),
+        ready,
+        metrics: metrics.clone(),
+    });
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+
+    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            metrics.connections_refused.inc();
+            tokio::spawn(routes::refuse(io, config.retry_ms));
+            continue;
+        };
+        metrics.connections.inc();
+        let app = app.clone();
+        let service = service_fn(move |req| routes::handle(app.clone(), req, peer));
+        let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(client = %peer, error = %e, "connection ended with an error");
+            }
+            metrics.connections.dec();
+            drop(permit);
+        });
+    }
+
+    tracing::info!("shutting down: draining connections");
+    drop(listener);
+    // Streams end themselves on this; then idle keep-alive connections close.
+    hub.shutdown();
+    feed.shutdown();
+    let drained = tokio::time::timeout(config.shutdown_grace, graceful.shutdown()).await;
+    if drained.is_err() {
+        tracing::warn!(
+            "drain deadline of {:?} passed; closing what is left",
+            config.shutdown_grace
+        );
+    }
+    let _ = stop_tx.send(true);
+    for (name, task) in [
+        ("listener", listener_task),
+        ("ticker", ticker_task),
+        ("status feed", feed_task),
+    ] {
+        if let Err(e) = task.await {
+            tracing::error!(task = name, error = %e, "background task failed");
+        }
+    }
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// Keep-alives for every stream, and dropping idle jobs, on one timer each.
+async fn tick(
+    hub: Hub,
+    feed: StatusFeed,
+    keep_alive: Duration,
+    mut stop_rx: watch::Receiver<bool>,
+) {
+    let mut keep_alive = tokio::time::interval(keep_alive);
+    keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    keep_alive.tick().await;
+    let mut janitor = tokio::time::interval(JANITOR_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = keep_alive.tick() => {
+                hub.keep_alive();
+                feed.keep_alive();
+            }
+            _ = janitor.tick() => hub.drop_idle(),
+            _ = stop_rx.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => futures::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,233 @@
+//! Server-Sent Events framing: events become frames once, in batches that every
+//! subscriber shares.
+//!
+//! A [`Batch`] holds the frames of consecutive seqs in one [`Bytes`] buffer plus the
+//! offset where each frame starts, so a subscriber that already has part of a batch
+//! (after a backfill) takes the rest with a cheap slice instead of re-encoding.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+/// The keep-alive comment, sent when a stream has been quiet for a while.
+pub const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+
+/// Job statuses after which nothing more is expected.
+pub const TERMINAL_STATUSES: &[&str] = &["succeeded", "failed", "cancelled", "dead_letter"];
+
+/// Whether a job status is final.
+pub fn is_terminal(status: &str) -> bool {
+    TERMINAL_STATUSES.contains(&status)
+}
+
+/// One row of `agent_job_events`, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub id: Uuid,
+    pub job_id: Uuid,
+    pub seq: i64,
+    pub level: String,
+    pub message: String,
+    /// The jsonb payload as PostgreSQL printed it, passed through without re-parsing.
+    pub payload: Box<RawValue>,
+    /// RFC 3339 in UTC with microseconds, formatted by the query.
+    pub created_at: String,
+}
+
+impl Event {
+    /// The status carried by a `kind = "status"` event, if this is one.
+    pub fn status(&self) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct StatusPayload<'a> {
+            kind: Option<&'a str>,
+            status: Option<String>,
+        }
+        let payload: StatusPayload = serde_json::from_str(self.payload.get()).ok()?;
+        match payload.kind {
+            Some("status") => payload.status,
+            _ => None,
+        }
+    }
+}
+
+/// The end of a finished job's stream: everything up to `last_seq` was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct End {
+    pub status: String,
+    pub last_seq: i64,
+}
+
+impl End {
+    /// `event: end` with `{"status": ..., "lastSeq": ...}`.
+    pub fn frame(&self) -> Bytes {
+        let data = serde_json::json!({ "status": self.status, "lastSeq": self.last_seq });
+        Bytes::from(format!("event: end\ndata: {data}\n\n"))
+    }
+}
+
+/// The frames of consecutive events of one job, encoded once.
+#[derive(Debug)]
+pub struct Batch {
+    bytes: Bytes,
+    first_seq: i64,
+    /// Start offset of each frame in `bytes`, indexed by `seq - first_seq`.
+    starts: Vec<u32>,
+    /// Set when the batch ends with the job's final status event.
+    end: Option<End>,
+}
+
+impl Batch {
+    /// Encodes events with consecutive seqs. `finished` says the read that produced them
+    /// reached the end of the table, so a trailing terminal status event ends the job.
+    ///
+    /// # Panics
+    /// If `events` is empty or its seqs are not consecutive (the caller reads them with
+    /// `ORDER BY seq` from a gap-free sequence).
+    pub fn encode(events: &[Event], finished: bool) -> Batch {
+        let first_seq = events.first().expect("a batch is never empty").seq;
+        let mut buf = BytesMut::with_capacity(events.len() * 256);
+        let mut starts = Vec::with_capacity(events.len());
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(event.seq, first_seq + i as i64, "seqs must be consecutive");
+            starts.push(buf.len() as u32);
+            write_event(&mut buf, event);
+        }
+        let end = match events.last().and_then(|e| e.status().map(|s| (e.seq, s))) {
+            Some((seq, status)) if finished && is_terminal(&status) => Some(End {
+                status,
+                last_seq: seq,
+            }),
+            _ => None,
+        };
+        Batch {
+            bytes: buf.freeze(),
+            first_seq,
+            starts,
+            end,
+        }
+    }
+
+    pub fn first_seq(&self) -> i64 {
+        self.first_seq
+    }
+
+    pub fn last_seq(&self) -> i64 {
+        self.first_seq + self.starts.len() as i64 - 1
+    }
+
+    /// The job's end, when this batch carries its final status event.
+    pub fn end(&self) -> Option<&End> {
+        self.end.as_ref()
+    }
+
+    /// Number of bytes of all frames.
+    pub fn len_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Number of events.
+    pub fn len_events(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// The frames of events with seq > `after`, sharing this batch's buffer.
+    pub fn after(&self, after: i64) -> Option<Bytes> {
+        if after >= self.last_seq() {
+            return None;
+        }
+        if after < self.first_seq {
+            return Some(self.bytes.clone());
+        }
+        let start = self.starts[(after + 1 - self.first_seq) as usize] as usize;
+        Some(self.bytes.slice(start..))
+    }
+}
+
+/// `id: <seq>`, `event: queue_event`, `data: <Event JSON>`. The JSON is on one line:
+/// serde escapes newlines in strings and PostgreSQL prints jsonb on one line.
+fn write_event(buf: &mut BytesMut, event: &Event) {
+    buf.put_slice(b"id: ");
+    buf.put_slice(event.seq.to_string().as_bytes());
+    buf.put_slice(b"\nevent: queue_event\ndata: ");
+    serde_json::to_writer((&mut *buf).writer(), event).expect("an event always serializes");
+    buf.put_slice(b"\n\n");
+}
+
+/// `retry: <ms>`: how long a browser waits before reconnecting.
+pub fn retry_frame(ms: u64) -> Bytes {
+    Bytes::from(format!("retry: {ms}\n\n"))
+}
+
+/// A named event with a JSON payload (used for `job_status`).
+pub fn named_frame(event: &str, data: &impl Serialize) -> Bytes {
+    let mut buf = BytesMut::with_capacity(256);
+    buf.put_slice(b"event: ");
+    buf.put_slice(event.as_bytes());
+    buf.put_slice(b"\ndata: ");
+    serde_json::to_writer((&mut buf).writer(), data).expect("json always serializes");
+    buf.put_slice(b"\n\n");
+    buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: i64, message: &str, payload: &str) -> Event {
+        Event {
+            id: Uuid::nil(),
+            job_id: Uuid::nil(),
+            seq,
+            level: "info".into(),
+            message: message.into(),
+            payload: RawValue::from_string(payload.into()).unwrap(),
+            created_at: "2026-01-01T00:00:00.000000Z".into(),
+        }
+    }
+
+    #[test]
+    fn frames_are_exact_and_newlines_stay_in_json() {
+        let batch = Batch::encode(&[event(7, "a\nb", r#"{"kind": "log"}"#)], true);
+        let text = String::from_utf8(batch.after(0).unwrap().to_vec()).unwrap();
+        assert_eq!(
+            text,
+            "id: 7\nevent: queue_event\ndata: {\"id\":\"00000000-0000-0000-0000-000000000000\",\
+             \"jobId\":\"00000000-0000-0000-0000-000000000000\",\"seq\":7,\"level\":\"info\",\
+             \"message\":\"a\\nb\",\"payload\":{\"kind\": \"log\"},\
+             \"createdAt\":\"2026-01-01T00:00:00.000000Z\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn after_slices_the_rest() {
+        let events: Vec<_> = (3..=5).map(|s| event(s, "x", "{}")).collect();
+        let batch = Batch::encode(&events, false);
+        let all = batch.after(2).unwrap();
+        let rest = String::from_utf8(batch.after(3).unwrap().to_vec()).unwrap();
+        assert!(rest.starts_with("id: 4\n"));
+        assert!(all.len() > rest.len());
+        assert!(batch.after(5).is_none());
+        assert_eq!(batch.last_seq(), 5);
+    }
+
+    #[test]
+    fn end_only_when_finished_with_terminal_status() {
+        let status = r#"{"kind": "status", "status": "failed"}"#;
+        let batch = Batch::encode(&[event(1, "x", "{}"), event(2, "s", status)], true);
+        assert_eq!(
+            batch.end(),
+            Some(&End {
+                status: "failed".into(),
+                last_seq: 2
+            })
+        );
+        let batch = Batch::encode(&[event(2, "s", status)], false);
+        assert!(batch.end().is_none());
+        let running = r#"{"kind": "status", "status": "running"}"#;
+        assert!(Batch::encode(&[event(2, "s", running)], true)
+            .end()
+            .is_none());
+    }
+}

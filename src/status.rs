@@ -1,0 +1,149 @@
+//! The job list's feed: one stream of every job's status changes.
+//!
+//! Status triggers notify `agent_job_status`; one task reads the changed jobs (many ids
+//! per query when changes come in bursts) and broadcasts `event: job_status` frames,
+//! encoded once, to every open `/api/queue/jobs/stream`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc, watch};
+use uuid::Uuid;
+
+use crate::hub::Backoff;
+use crate::sse;
+use crate::store;
+
+/// Frames of the status stream; `None` means the gateway is shutting down.
+pub type Item = Option<Bytes>;
+
+/// Jobs re-sent after the LISTEN connection came back.
+const SWEEP_JOBS: i64 = 100;
+
+/// The feed. Cheap to clone.
+#[derive(Clone)]
+pub struct StatusFeed {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: broadcast::Sender<Item>,
+    /// `Some(id)`: a job changed; `None`: resend the recently changed jobs.
+    changed_tx: mpsc::UnboundedSender<Option<Uuid>>,
+}
+
+impl StatusFeed {
+    /// Creates the feed and its reader task, which stops when `shutdown` turns true.
+    pub fn start(
+        pool: deadpool_postgres::Pool,
+        shutdown: watch::Receiver<bool>,
+    ) -> (StatusFeed, tokio::task::JoinHandle<()>) {
+        let (tx, _) = broadcast::channel(1024);
+        let (changed_tx, changed_rx) = mpsc::unbounded_channel();
+        let feed = StatusFeed {
+            inner: Arc::new(Inner { tx, changed_tx }),
+        };
+        let task = tokio::spawn(feed.clone().run(pool, changed_rx, shutdown));
+        (feed, task)
+    }
+
+    /// A job's status changed (or it was created).
+    pub fn changed(&self, id: Uuid) {
+        let _ = self.inner.changed_tx.send(Some(id));
+    }
+
+    /// Notifications may have been missed: resend the recently changed jobs.
+    pub fn sweep(&self) {
+        let _ = self.inner.changed_tx.send(None);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Item> {
+        self.inner.tx.subscribe()
+    }
+
+    pub fn keep_alive(&self) {
+        let _ = self
+            .inner
+            .tx
+            .send(Some(Bytes::from_static(sse::KEEP_ALIVE)));
+    }
+
+    pub fn shutdown(&self) {
+        let _ = self.inner.tx.send(None);
+    }
+
+    async fn run(
+        self,
+        pool: deadpool_postgres::Pool,
+        mut changed_rx: mpsc::UnboundedReceiver<Option<Uuid>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut backoff = Backoff::new();
+        loop {
+            let first = tokio::select! {
+                first = changed_rx.recv() => first,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            let Some(first) = first else { return };
+            // Take everything that is already waiting: one query for the burst.
+            let mut ids = HashSet::new();
+            let mut sweep = false;
+            let mut next = Some(first);
+            while let Some(change) = next {
+                match change {
+                    Some(id) => {
+                        ids.insert(id);
+                    }
+                    None => sweep = true,
+                }
+                next = changed_rx.try_recv().ok();
+            }
+            if self.inner.tx.receiver_count() == 0 {
+                continue;
+            }
+            let ids: Vec<Uuid> = ids.into_iter().collect();
+            loop {
+                match self.read(&pool, &ids, sweep).await {
+                    Ok(jobs) => {
+                        backoff.reset();
+                        for job in jobs {
+                            let _ = self
+                                .inner
+                                .tx
+                                .send(Some(sse::named_frame("job_status", &job)));
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading job statuses failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff.next()) => {}
+                            _ = shutdown.wait_for(|stop| *stop) => return,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn read(
+        &self,
+        pool: &deadpool_postgres::Pool,
+        ids: &[Uuid],
+        sweep: bool,
+    ) -> Result<Vec<store::Job>, crate::Error> {
+        let client = pool.get().await?;
+        let mut jobs = if sweep {
+            store::recently_updated_jobs(&**client, SWEEP_JOBS).await?
+        } else {
+            Vec::new()
+        };
+        if !ids.is_empty() {
+            jobs.extend(store::jobs_by_id(&**client, ids).await?);
+        }
+        // Oldest change first, so a client applying them in order ends with the latest.
+        jobs.sort_by(|a, b| a.updated_at.cmp(&b.updated_at));
+        Ok(jobs)
+    }
+}

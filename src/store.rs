@@ -1,0 +1,266 @@
+//! The queries of the gateway: jobs and pages of their events.
+//!
+//! Timestamps are formatted by PostgreSQL (RFC 3339, UTC, microseconds) and jsonb is
+//! passed through as text, so rows become JSON without a round trip through a value
+//! tree.
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::sse::Event;
+
+/// `created_at` and friends as RFC 3339 text in UTC.
+macro_rules! ts {
+    ($col:literal) => {
+        concat!(
+            "to_char(",
+            $col,
+            " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+        )
+    };
+}
+
+const JOB_COLUMNS: &str = concat!(
+    "id, name, status, payload::text, ",
+    ts!("created_at"),
+    ", ",
+    ts!("updated_at"),
+    ", ",
+    ts!("started_at"),
+    ", ",
+    ts!("finished_at"),
+    ", last_seq"
+);
+
+const EVENT_COLUMNS: &str = concat!(
+    "id, job_id, seq, level, message, payload::text, ",
+    ts!("created_at")
+);
+
+/// One row of `agent_jobs`, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Job {
+    pub id: Uuid,
+    pub name: String,
+    pub status: String,
+    pub payload: Box<RawValue>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub last_seq: i64,
+}
+
+fn job_from_row(row: &Row) -> Job {
+    Job {
+        id: row.get(0),
+        name: row.get(1),
+        status: row.get(2),
+        payload: raw(row.get(3)),
+        created_at: row.get(4),
+        updated_at: row.get(5),
+        started_at: row.get(6),
+        finished_at: row.get(7),
+        last_seq: row.get(8),
+    }
+}
+
+/// Builds an [`Event`] from a row selected with `EVENT_COLUMNS`.
+pub fn event_from_row(row: &Row) -> Event {
+    Event {
+        id: row.get(0),
+        job_id: row.get(1),
+        seq: row.get(2),
+        level: row.get(3),
+        message: row.get(4),
+        payload: raw(row.get(5)),
+        created_at: row.get(6),
+    }
+}
+
+/// jsonb printed by PostgreSQL is valid JSON.
+fn raw(text: String) -> Box<RawValue> {
+    RawValue::from_string(text).expect("postgresql prints valid json")
+}
+
+/// Recent jobs, newest first.
+pub async fn list_jobs(
+    client: &impl tokio_postgres::GenericClient,
+    limit: i64,
+    status: Option<&str>,
+) -> Result<Vec<Job>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM agent_jobs WHERE ($1::text IS NULL OR status = $1) \
+         ORDER BY created_at DESC, id LIMIT $2"
+    );
+    let rows = client.query(&sql, &[&status, &limit]).await?;
+    Ok(rows.iter().map(job_from_row).collect())
+}
+
+/// Jobs by id (order unspecified).
+pub async fn jobs_by_id(
+    client: &impl tokio_postgres::GenericClient,
+    ids: &[Uuid],
+) -> Result<Vec<Job>, tokio_postgres::Error> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM agent_jobs WHERE id = ANY($1)");
+    let rows = client.query(&sql, &[&ids]).await?;
+    Ok(rows.iter().map(job_from_row).collect())
+}
+
+/// Jobs whose status changed most recently.
+pub async fn recently_updated_jobs(
+    client: &impl tokio_postgres::GenericClient,
+    limit: i64,
+) -> Result<Vec<Job>, tokio_postgres::Error> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM agent_jobs ORDER BY updated_at DESC LIMIT $1");
+    let rows = client.query(&sql, &[&limit]).await?;
+    Ok(rows.iter().map(job_from_row).collect())
+}
+
+/// One job.
+pub async fn get_job(
+    client: &impl tokio_postgres::GenericClient,
+    id: Uuid,
+) -> Result<Option<Job>, tokio_postgres::Error> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM agent_jobs WHERE id = $1");
+    let row = client.query_opt(&sql, &[&id]).await?;
+    Ok(row.as_ref().map(job_from_row))
+}
+
+/// A job's status and the highest seq handed out so far.
+pub async fn job_cursor(
+    client: &deadpool_postgres::Client,
+    id: Uuid,
+) -> Result<Option<(String, i64)>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached("SELECT status, last_seq FROM agent_jobs WHERE id = $1")
+        .await?;
+    let row = client.query_opt(&stmt, &[&id]).await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// Creates a job; `id` defaults to a random one.
+pub async fn create_job(
+    client: &impl tokio_postgres::GenericClient,
+    id: Option<Uuid>,
+    name: &str,
+    status: &str,
+    payload: &serde_json::Value,
+) -> Result<Job, tokio_postgres::Error> {
+    let id = id.unwrap_or_else(Uuid::new_v4);
+    let sql = format!(
+        "INSERT INTO agent_jobs (id, name, status, payload, started_at) \
+         VALUES ($1, $2, $3, $4, CASE WHEN $3 = 'running' THEN now() END) \
+         RETURNING {JOB_COLUMNS}"
+    );
+    let row = client
+        .query_one(&sql, &[&id, &name, &status, payload])
+        .await?;
+    Ok(job_from_row(&row))
+}
+
+/// An event to append.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub level: String,
+    pub message: String,
+    pub payload: serde_json::Value,
+}
+
+/// Appends events in ONE statement (so one notification), in the given order.
+/// Returns `(id, seq)` of each, in that order.
+pub async fn append_events(
+    client: &impl tokio_postgres::GenericClient,
+    job_id: Uuid,
+    events: &[NewEvent],
+) -> Result<Vec<(Uuid, i64)>, tokio_postgres::Error> {
+    let levels: Vec<&str> = events.iter().map(|e| e.level.as_str()).collect();
+    let messages: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
+    let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
+    let rows = client
+        .query(
+            "INSERT INTO agent_job_events (job_id, level, message, payload) \
+             SELECT $1, l, m, p FROM unnest($2::text[], $3::text[], $4::jsonb[]) \
+                 WITH ORDINALITY AS t(l, m, p, n) ORDER BY n \
+             RETURNING id, seq",
+            &[&job_id, &levels, &messages, &payloads],
+        )
+        .await?;
+    let mut out: Vec<(Uuid, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    out.sort_by_key(|&(_, seq)| seq);
+    Ok(out)
+}
+
+/// Events with `after < seq < before`, the first `limit` of them, ascending.
+pub async fn events_after(
+    client: &deadpool_postgres::Client,
+    job_id: Uuid,
+    after: i64,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Event>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM agent_job_events \
+         WHERE job_id = $1 AND seq > $2 AND ($3::int8 IS NULL OR seq < $3) \
+         ORDER BY seq LIMIT $4"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    let rows = client
+        .query(&stmt, &[&job_id, &after, &before, &limit])
+        .await?;
+    Ok(rows.iter().map(event_from_row).collect())
+}
+
+/// The last `limit` events with `seq < before`, ascending (the newest page of a log,
+/// then older pages as a viewer scrolls up).
+pub async fn events_before(
+    client: &deadpool_postgres::Client,
+    job_id: Uuid,
+    before: i64,
+    limit: i64,
+) -> Result<Vec<Event>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM agent_job_events \
+         WHERE job_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    let rows = client.query(&stmt, &[&job_id, &before, &limit]).await?;
+    let mut events: Vec<Event> = rows.iter().map(event_from_row).collect();
+    events.reverse();
+    Ok(events)
+}
+
+/// The seq of an event given by id (the original API's `afterEventId` cursor).
+pub async fn seq_of_event(
+    client: &deadpool_postgres::Client,
+    job_id: Uuid,
+    event_id: Uuid,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT seq FROM agent_job_events WHERE job_id = $1 AND id = $2",
+            &[&job_id, &event_id],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// The last seq of events created at or before a time (the original `after` cursor
+/// without an event id).
+pub async fn seq_at_time(
+    client: &deadpool_postgres::Client,
+    job_id: Uuid,
+    after: &str,
+) -> Result<i64, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(seq), 0) FROM agent_job_events \
+             WHERE job_id = $1 AND created_at <= $2::text::timestamptz",
+            &[&job_id, &after],
+        )
+        .await?;
+    Ok(row.get(0))
+}

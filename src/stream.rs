@@ -1,0 +1,280 @@
+//! One SSE subscriber: backfill, hand-over to live, lag recovery, end.
+//!
+//! The order of operations is what makes delivery exactly-once:
+//! 1. subscribe to the job's broadcast (done by `Hub::subscribe` before we get here);
+//! 2. catch up from the cursor: from the hub's ring when it reaches back far enough,
+//!    else from the table, page by page;
+//! 3. then take live batches from the receiver, skipping any seq already sent, and
+//!    going back to step 2 whenever a batch does not start right after the cursor
+//!    (the receiver lagged and lost batches, or anything else left a hole).
+//!
+//! `cursor` is the highest seq written to this stream; it only moves forward by one
+//! frame at a time, so nothing is skipped and nothing is repeated.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::StreamBody;
+use hyper::body::Frame;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::hub::{Backoff, CatchUp, Hub, Item, Subscription, READ_PAGE};
+use crate::sse::{self, Batch};
+use crate::store;
+
+/// Attempts at a backfill read before the stream ends and lets the client reconnect.
+const BACKFILL_ATTEMPTS: u32 = 8;
+
+/// How a stream is shaped: the retry hint and when it must end on its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// `retry:` sent first, in milliseconds.
+    pub retry_ms: u64,
+    /// `retry:` sent at shutdown is drawn from this range, so clients spread out.
+    pub shutdown_retry_ms: (u64, u64),
+    /// When the stream's credentials expire, if they do.
+    pub deadline: Option<tokio::time::Instant>,
+}
+
+/// The body of an SSE response for one job.
+pub fn body(
+    hub: Hub,
+    subscription: Subscription,
+    cursor: i64,
+    options: Options,
+    peer: std::net::SocketAddr,
+) -> StreamBody<impl futures::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send> {
+    let hub_metrics = hub.metrics().clone();
+    let job_id = subscription.job.id();
+    let subscriber = Subscriber {
+        hub,
+        subscription,
+        cursor,
+        options,
+        queue: VecDeque::new(),
+        phase: Phase::Start,
+        _open: StreamGuard::new(hub_metrics, job_id, peer),
+    };
+    let stream = futures::stream::unfold(subscriber, |mut s| async move {
+        let bytes = s.next().await?;
+        Some((Ok(Frame::data(bytes)), s))
+    });
+    StreamBody::new(stream)
+}
+
+enum Phase {
+    Start,
+    CatchUp,
+    Live,
+    Done,
+}
+
+struct Subscriber {
+    hub: Hub,
+    subscription: Subscription,
+    cursor: i64,
+    options: Options,
+    /// Frames waiting to be written (backfill pages; live batches bypass it).
+    queue: VecDeque<Bytes>,
+    phase: Phase,
+    _open: StreamGuard,
+}
+
+impl Subscriber {
+    /// The next bytes to write, or `None` when the stream ends.
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(bytes) = self.queue.pop_front() {
+                return Some(bytes);
+            }
+            match self.phase {
+                Phase::Start => {
+                    self.phase = Phase::CatchUp;
+                    return Some(sse::retry_frame(self.options.retry_ms));
+                }
+                Phase::CatchUp => {
+                    if let Err(e) = self.catch_up().await {
+                        tracing::warn!(job = %self.subscription.job.id(), error = %e,
+                            "backfill failed; ending the stream so the client resumes");
+                        self.phase = Phase::Done;
+                    }
+                }
+                Phase::Live => {
+                    if let Some(bytes) = self.live().await {
+                        return Some(bytes);
+                    }
+                }
+                Phase::Done => return None,
+            }
+        }
+    }
+
+    /// Brings the stream up to date from the ring or the table; `Live` when done.
+    async fn catch_up(&mut self) -> Result<(), crate::Error> {
+        let job = self.subscription.job.clone();
+        match job.catch_up(self.cursor) {
+            CatchUp::Frames(frames, last_seq) => {
+                if !frames.is_empty() {
+                    self.hub.metrics().ring_catch_ups.inc();
+                }
+                self.queue.extend(frames);
+                self.cursor = self.cursor.max(last_seq);
+                self.phase = Phase::Live;
+                self.check_end();
+                return Ok(());
+            }
+            CatchUp::Table => {}
+        }
+        let events = self.read_table().await?;
+        let finished = (events.len() as i64) < READ_PAGE;
+        if let Some(last) = events.last() {
+            let batch = Batch::encode(&events, finished);
+            self.cursor = last.seq;
+            if let Some(bytes) = batch.after(i64::MIN) {
+                self.queue.push_back(bytes);
+            }
+            if let Some(end) = batch.end() {
+                self.queue.push_back(end.frame());
+                self.phase = Phase::Done;
+                return Ok(());
+            }
+        }
+        if finished {
+            // The table had nothing more; whatever commits next arrives on the receiver.
+            self.phase = Phase::Live;
+            self.check_end();
+        }
+        Ok(())
+    }
+
+    async fn read_table(&self) -> Result<Vec<sse::Event>, crate::Error> {
+        let mut backoff = Backoff::new();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = async {
+                let client = self.hub.pool().get().await?;
+                self.hub.metrics().table_reads_backfill.inc();
+                let events = store::events_after(
+                    &client,
+                    self.subscription.job.id(),
+                    self.cursor,
+                    None,
+                    READ_PAGE,
+                )
+                .await;
+                if let Err(e) = &events {
+                    if crate::db::is_connection_error(e) {
+                        let _ = deadpool_postgres::Object::take(client);
+                    }
+                }
+                Ok::<_, crate::Error>(events?)
+            }
+            .await;
+            match result {
+                Ok(events) => return Ok(events),
+                Err(e) if attempt >= BACKFILL_ATTEMPTS => return Err(e),
+                Err(_) => tokio::time::sleep(backoff.next()).await,
+            }
+        }
+    }
+
+    /// After catching up: if the job has ended at or before the cursor, finish.
+    fn check_end(&mut self) {
+        if let Some(end) = self.subscription.job.end() {
+            if self.cursor >= end.last_seq {
+                self.queue.push_back(end.frame());
+                self.phase = Phase::Done;
+            }
+        }
+    }
+
+    /// Waits for the next live item. `None` means "loop again" (phase may have changed).
+    async fn live(&mut self) -> Option<Bytes> {
+        let item = match self.options.deadline {
+            Some(deadline) => tokio::select! {
+                item = self.subscription.rx.recv() => item,
+                _ = tokio::time::sleep_until(deadline) => {
+                    // Credentials expired: end; the browser reconnects with fresh ones.
+                    self.phase = Phase::Done;
+                    return None;
+                }
+            },
+            None => self.subscription.rx.recv().await,
+        };
+        match item {
+            Ok(Item::Batch(batch)) => self.deliver(&batch),
+            Ok(Item::KeepAlive) => Some(Bytes::from_static(sse::KEEP_ALIVE)),
+            Ok(Item::Shutdown) => {
+                self.phase = Phase::Done;
+                let (low, high) = self.options.shutdown_retry_ms;
+                Some(sse::retry_frame(fastrand::u64(low..=high.max(low))))
+            }
+            Err(RecvError::Lagged(missed)) => {
+                tracing::debug!(job = %self.subscription.job.id(), missed, "subscriber lagged; resyncing");
+                self.hub.metrics().lag_resyncs.inc();
+                self.phase = Phase::CatchUp;
+                None
+            }
+            Err(RecvError::Closed) => {
+                self.phase = Phase::Done;
+                None
+            }
+        }
+    }
+
+    fn deliver(&mut self, batch: &Arc<Batch>) -> Option<Bytes> {
+        if batch.last_seq() <= self.cursor {
+            return None; // Already sent during catch-up.
+        }
+        if batch.first_seq() > self.cursor + 1 {
+            // A hole: go back to the ring or the table for what is missing.
+            self.phase = Phase::CatchUp;
+            return None;
+        }
+        let bytes = batch.after(self.cursor);
+        self.cursor = batch.last_seq();
+        if let Some(end) = batch.end() {
+            self.queue.push_back(end.frame());
+            self.phase = Phase::Done;
+        }
+        bytes
+    }
+}
+
+/// Counts open streams for `/metrics` and logs each stream's opening and end.
+struct StreamGuard {
+    metrics: Arc<crate::metrics::Metrics>,
+    job: uuid::Uuid,
+    peer: std::net::SocketAddr,
+    opened: tokio::time::Instant,
+}
+
+impl StreamGuard {
+    fn new(
+        metrics: Arc<crate::metrics::Metrics>,
+        job: uuid::Uuid,
+        peer: std::net::SocketAddr,
+    ) -> StreamGuard {
+        metrics.streams_open.inc();
+        metrics.streams_opened.inc();
+        tracing::info!(%job, client = %peer, "stream opened");
+        StreamGuard {
+            metrics,
+            job,
+            peer,
+            opened: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.metrics.streams_open.dec();
+        let lived: Duration = self.opened.elapsed();
+        tracing::info!(job = %self.job, client = %self.peer, secs = lived.as_secs_f64(), "stream closed");
+    }
+}
