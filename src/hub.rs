@@ -171,7 +171,8 @@ impl Hub {
             return Ok(Start::NotFound);
         };
         drop(client);
-        let end = sse::is_terminal(&status).then(|| End { status, last_seq });
+        let terminal = sse::is_terminal(&status);
+        let end = terminal.then_some(End { status, last_seq });
         if let Some(end) = &end {
             if after >= end.last_seq {
                 return Ok(Start::Finished);
