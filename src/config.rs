@@ -24,9 +24,14 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default largest request body, in bytes.
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
-/// Default and largest events per polling page.
+/// Default events per polling page.
 pub const DEFAULT_PAGE: i64 = 200;
+/// Default largest `limit` of a polling page.
 pub const MAX_PAGE: i64 = 1000;
+/// Default largest `message` of one appended event, in bytes.
+pub const DEFAULT_MAX_MESSAGE: usize = 256 * 1024;
+/// Default open SSE streams per client address.
+pub const DEFAULT_MAX_STREAMS_PER_CLIENT: usize = 64;
 
 /// Everything `serve` needs.
 #[derive(Clone)]
@@ -41,7 +46,15 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub max_body: usize,
     pub max_page: i64,
+    pub max_message: usize,
+    pub max_streams_per_client: usize,
     pub hub: hub::Settings,
+    /// Token verification (off without a secret).
+    pub auth: crate::auth::Auth,
+    /// Serve without auth on a non-loopback address anyway.
+    pub insecure_no_auth: bool,
+    /// Origins allowed to call the API from a browser (CORS), exact match.
+    pub cors_origins: Vec<String>,
 }
 
 impl Config {
@@ -57,7 +70,12 @@ impl Config {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_body: DEFAULT_MAX_BODY,
             max_page: MAX_PAGE,
+            max_message: DEFAULT_MAX_MESSAGE,
+            max_streams_per_client: DEFAULT_MAX_STREAMS_PER_CLIENT,
             hub: hub::Settings::default(),
+            auth: crate::auth::Auth::off(),
+            insecure_no_auth: false,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -74,7 +92,12 @@ impl fmt::Debug for Config {
             .field("shutdown_grace", &self.shutdown_grace)
             .field("max_body", &self.max_body)
             .field("max_page", &self.max_page)
+            .field("max_message", &self.max_message)
+            .field("max_streams_per_client", &self.max_streams_per_client)
             .field("hub", &self.hub)
+            .field("auth", &self.auth)
+            .field("insecure_no_auth", &self.insecure_no_auth)
+            .field("cors_origins", &self.cors_origins)
             .finish()
     }
 }

@@ -28,6 +28,9 @@ use crate::store;
 /// Events per table read.
 pub const READ_PAGE: i64 = 1000;
 
+/// How long a new subscriber waits for the database before getting a 503.
+const SUBSCRIBE_PATIENCE: Duration = Duration::from_secs(15);
+
 /// Tuning of the hub; see `Config` for the flags that set it.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -166,11 +169,9 @@ impl Hub {
             return Ok(start);
         }
         // First subscriber: learn where the job is. Outside the map's lock (it awaits).
-        let client = self.inner.pool.get().await?;
-        let Some((status, last_seq)) = store::job_cursor(&client, job_id).await? else {
+        let Some((status, last_seq)) = self.job_cursor(job_id).await? else {
             return Ok(Start::NotFound);
         };
-        drop(client);
         let terminal = sse::is_terminal(&status);
         let end = terminal.then_some(End { status, last_seq });
         if let Some(end) = &end {
@@ -201,6 +202,31 @@ impl Hub {
             self.wake(job_id, i64::MAX);
         }
         Ok(Start::Live(subscription))
+    }
+
+    /// The job's status and last seq, waiting out a short database outage (a restart)
+    /// rather than failing a browser whose EventSource would not retry a 503.
+    async fn job_cursor(&self, job_id: Uuid) -> Result<Option<(String, i64)>, crate::Error> {
+        let deadline = Instant::now() + SUBSCRIBE_PATIENCE;
+        let mut backoff = Backoff::new();
+        loop {
+            let result = async {
+                let client = self.inner.pool.get().await?;
+                let cursor = store::job_cursor(&client, job_id).await;
+                if let Err(e) = &cursor {
+                    if crate::db::is_connection_error(e) {
+                        let _ = deadpool_postgres::Object::take(client);
+                    }
+                }
+                Ok::<_, crate::Error>(cursor?)
+            }
+            .await;
+            match result {
+                Ok(cursor) => return Ok(cursor),
+                Err(e) if Instant::now() >= deadline || self.is_shutting_down() => return Err(e),
+                Err(_) => tokio::time::sleep(backoff.next()).await,
+            }
+        }
     }
 
     fn subscribe_existing(&self, job_id: Uuid, after: i64) -> Option<Start> {
@@ -276,8 +302,24 @@ impl Hub {
             let full = events.len() as i64 == READ_PAGE;
             if !events.is_empty() {
                 let batch = Arc::new(Batch::encode(&events, !full));
-                self.inner.metrics.batches_encoded.inc();
-                job.publish(batch, &self.inner.settings);
+                let metrics = &self.inner.metrics;
+                metrics.batches_encoded.inc();
+                let receivers = job.publish(batch.clone(), &self.inner.settings) as u64;
+                metrics
+                    .events_delivered
+                    .add(batch.len_events() as u64 * receivers);
+                metrics
+                    .bytes_delivered
+                    .add(batch.len_bytes() as u64 * receivers);
+                let now_us = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as i64)
+                    .unwrap_or_default();
+                for event in &events {
+                    metrics
+                        .commit_to_send
+                        .observe_us(now_us.saturating_sub(event.created_us).max(0) as u64);
+                }
             }
             let mut state = job.lock();
             if full || state.dirty {
@@ -373,10 +415,11 @@ impl Job {
     /// Appends a batch to the ring and broadcasts it. Both happen under the state lock,
     /// so a subscriber that takes the lock sees each batch either in the ring or later
     /// on its receiver.
-    fn publish(&self, batch: Arc<Batch>, settings: &Settings) {
+    /// Returns how many receivers it reached.
+    fn publish(&self, batch: Arc<Batch>, settings: &Settings) -> usize {
         let mut state = self.lock();
         if batch.last_seq() <= state.last_seq {
-            return;
+            return 0;
         }
         debug_assert_eq!(
             batch.first_seq(),
@@ -398,7 +441,7 @@ impl Job {
             state.ring_bytes -= old.len_bytes();
         }
         // No receivers is fine: the ring keeps it for the next one.
-        let _ = self.tx.send(Item::Batch(batch));
+        self.tx.send(Item::Batch(batch)).unwrap_or(0)
     }
 
     /// The frames after `after` that the ring holds, if it reaches back that far.

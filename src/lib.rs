@@ -18,20 +18,24 @@
 //! - [`stream`]: one subscriber: backfill, hand-over to live, lag recovery, end.
 //! - [`status`]: the job list's single stream of status changes.
 //! - [`routes`]: HTTP routing and the JSON API; [`web`]: the embedded dashboard.
-//! - [`server`]: the accept loop, limits, background tasks and graceful shutdown.
+//! - [`server`]: the accept loop, connection limits, background tasks and graceful shutdown.
 //! - [`worker`]: `eventgate run`: a command's output as batched, redacted events.
-//! - [`demo`]: `eventgate demo`, the whole thing with no set-up.
+//! - [`demo`]: `eventgate demo`, the whole thing with no set-up; [`prune`]: retention.
 //! - [`cluster`]: throwaway PostgreSQL clusters (demo, tests, benchmarks).
+//! - [`auth`]: HS256 tokens: who may read or write which job; [`limits`]: per-client caps.
 //! - [`config`], [`metrics`], [`Error`]: what the rest shares.
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod db;
 pub mod demo;
 mod error;
 pub mod hub;
+pub mod limits;
 pub mod listen;
 pub mod metrics;
+pub mod prune;
 pub mod routes;
 pub mod server;
 pub mod sse;

@@ -31,6 +31,41 @@ enum Command {
     },
     /// Everything with no set-up: a throwaway PostgreSQL, the gateway and demo jobs.
     Demo(DemoArgs),
+    /// Mint an HS256 token signed with EVENTGATE_JWT_SECRET.
+    Token(TokenArgs),
+    /// Delete the events of jobs that finished long ago, in small batches.
+    Prune(PruneArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The signing secret.
+    #[arg(long, env = "EVENTGATE_JWT_SECRET", hide_env_values = true)]
+    secret: String,
+    /// Scopes: read, write (repeat or space-separate).
+    #[arg(long, num_args = 1.., default_value = "read")]
+    scope: Vec<String>,
+    /// Jobs the token covers (repeat); `*` for all.
+    #[arg(long = "job", required = true)]
+    jobs: Vec<String>,
+    /// Lifetime, like 15m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = config::parse_duration)]
+    ttl: std::time::Duration,
+    /// Subject, logged by the gateway.
+    #[arg(long)]
+    sub: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct PruneArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Delete events of jobs finished before this long ago (e.g. 30d).
+    #[arg(long, value_parser = config::parse_duration)]
+    older_than: std::time::Duration,
+    /// Events per delete statement.
+    #[arg(long, default_value_t = eventgate::prune::DEFAULT_BATCH)]
+    batch: i64,
 }
 
 #[derive(clap::Args)]
@@ -74,6 +109,28 @@ struct GatewayArgs {
     /// Largest request body in bytes (larger gets 413).
     #[arg(long, env = "EVENTGATE_MAX_BODY", default_value_t = config::DEFAULT_MAX_BODY)]
     max_body: usize,
+    /// Largest message of one appended event in bytes (larger gets 413).
+    #[arg(long, env = "EVENTGATE_MAX_MESSAGE", default_value_t = config::DEFAULT_MAX_MESSAGE)]
+    max_message: usize,
+    /// Largest `limit` of a polling page.
+    #[arg(long, env = "EVENTGATE_MAX_PAGE", default_value_t = config::MAX_PAGE)]
+    max_page: i64,
+    /// Open streams per client address (more get 429).
+    #[arg(long, env = "EVENTGATE_MAX_STREAMS_PER_CLIENT", default_value_t = config::DEFAULT_MAX_STREAMS_PER_CLIENT)]
+    max_streams_per_client: usize,
+    /// HS256 secret for tokens; without it auth is off (loopback only).
+    #[arg(long, env = "EVENTGATE_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Serve without auth on a non-loopback address.
+    #[arg(long, env = "EVENTGATE_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+    /// Browser origin allowed to call the API (repeat).
+    #[arg(
+        long = "cors-origin",
+        env = "EVENTGATE_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    cors_origins: Vec<String>,
 }
 
 impl GatewayArgs {
@@ -86,6 +143,14 @@ impl GatewayArgs {
         config.header_timeout = self.header_timeout;
         config.shutdown_grace = self.shutdown_grace;
         config.max_body = self.max_body;
+        config.max_message = self.max_message;
+        config.max_page = self.max_page.clamp(1, 100_000);
+        config.max_streams_per_client = self.max_streams_per_client;
+        if let Some(secret) = self.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
+            config.auth = eventgate::auth::Auth::hs256(secret.as_bytes());
+        }
+        config.insecure_no_auth = self.insecure_no_auth;
+        config.cors_origins = self.cors_origins.clone();
         config
     }
 }
@@ -122,6 +187,14 @@ fn main() -> ExitCode {
             Command::Run { db, args } => {
                 Ok(eventgate::worker::run_cli(&db.database_url, args).await)
             }
+            Command::Token(args) => token(args).map(|()| 0),
+            Command::Prune(args) => {
+                let deleted =
+                    eventgate::prune::run(&args.db.database_url, args.older_than, args.batch)
+                        .await?;
+                println!("deleted {deleted} events");
+                Ok(0)
+            }
             Command::Demo(args) => {
                 let config = args.gateway.config(String::new());
                 eventgate::demo::run(args.database_url, args.gateway.listen, config)
@@ -147,6 +220,38 @@ async fn serve(args: ServeArgs) -> Result<(), eventgate::Error> {
             eventgate::Error::config(format!("cannot listen on {}: {e}", args.gateway.listen))
         })?;
     eventgate::server::run(listener, config, eventgate::server::shutdown_signal()).await
+}
+
+fn token(args: TokenArgs) -> Result<(), eventgate::Error> {
+    use eventgate::auth::Scope;
+    let mut scopes = Vec::new();
+    for s in args.scope.iter().flat_map(|s| s.split_whitespace()) {
+        scopes.push(match s {
+            "read" => Scope::Read,
+            "write" => Scope::Write,
+            other => {
+                return Err(eventgate::Error::config(format!(
+                    "unknown scope {other:?} (read or write)"
+                )))
+            }
+        });
+    }
+    for job in &args.jobs {
+        if job != "*" && job.parse::<uuid::Uuid>().is_err() {
+            return Err(eventgate::Error::config(format!(
+                "--job must be a uuid or *, not {job:?}"
+            )));
+        }
+    }
+    let token = eventgate::auth::mint(
+        args.secret.as_bytes(),
+        &scopes,
+        &args.jobs,
+        args.ttl,
+        args.sub,
+    )?;
+    println!("{token}");
+    Ok(())
 }
 
 async fn migrate(url: &str) -> Result<(), eventgate::Error> {

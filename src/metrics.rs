@@ -39,6 +39,48 @@ impl Gauge {
     }
 }
 
+/// Upper bounds of the latency histogram's buckets, in seconds.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A fixed-bucket histogram of seconds.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Non-cumulative counts; the last one is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe_us(&self, us: u64) {
+        let seconds = us as f64 / 1e6;
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {}", self.count.load(Ordering::Relaxed));
+    }
+}
+
 /// Every metric of one gateway.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -56,6 +98,11 @@ pub struct Metrics {
     pub listener_reconnects: Counter,
     pub events_delivered: Counter,
     pub bytes_delivered: Counter,
+    pub streams_catching_up: Gauge,
+    pub streams_refused: Counter,
+    /// Indexed like `auth::Failure::ALL`.
+    pub auth_failures: [Counter; 5],
+    pub commit_to_send: Histogram,
 }
 
 impl Metrics {
@@ -97,11 +144,41 @@ impl Metrics {
         );
         family(
             &mut out,
-            "eventgate_subscribers",
+            "eventgate_hub_receivers",
             "gauge",
-            "Subscribers attached to the hub.",
+            "Broadcast receivers attached to the hub.",
             subscribers as u64,
         );
+        let catching_up = self.streams_catching_up.get();
+        let open = self.streams_open.get();
+        let _ = writeln!(
+            out,
+            "# HELP eventgate_subscribers SSE subscribers by state.\n\
+             # TYPE eventgate_subscribers gauge\n\
+             eventgate_subscribers{{state=\"catching_up\"}} {catching_up}\n\
+             eventgate_subscribers{{state=\"live\"}} {}",
+            open.saturating_sub(catching_up)
+        );
+        family(
+            &mut out,
+            "eventgate_streams_refused_total",
+            "counter",
+            "Streams refused at the per-client limit.",
+            self.streams_refused.get(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP eventgate_auth_failures_total Requests refused by auth, by reason.\n\
+             # TYPE eventgate_auth_failures_total counter"
+        );
+        for failure in crate::auth::Failure::ALL {
+            let _ = writeln!(
+                out,
+                "eventgate_auth_failures_total{{reason=\"{}\"}} {}",
+                failure.label(),
+                self.auth_failures[failure as usize].get()
+            );
+        }
         family(
             &mut out,
             "eventgate_hub_jobs",
@@ -159,6 +236,11 @@ impl Metrics {
             "gauge",
             "Whether the LISTEN connection is up.",
             listener_up as u64,
+        );
+        self.commit_to_send.render(
+            &mut out,
+            "eventgate_commit_to_send_seconds",
+            "Time from an event's insert to its broadcast to subscribers.",
         );
         family(
             &mut out,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use deadpool_postgres::Pool;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::auth::{Failure, Grant, Scope};
 use crate::config::{Config, DEFAULT_PAGE};
 use crate::hub::{Hub, Start};
 use crate::listen::Readiness;
@@ -37,6 +38,7 @@ pub struct App {
     pub config: Arc<Config>,
     pub ready: Readiness,
     pub metrics: Arc<Metrics>,
+    pub slots: crate::limits::StreamSlots,
 }
 
 /// An HTTP error: status, stable code, short message.
@@ -73,11 +75,30 @@ impl ApiError {
         )
     }
 
+    fn auth(failure: Failure) -> ApiError {
+        let (status, code) = if failure.is_forbidden() {
+            (StatusCode::FORBIDDEN, "forbidden")
+        } else {
+            (StatusCode::UNAUTHORIZED, "unauthorized")
+        };
+        ApiError::new(status, code, failure.message())
+    }
+
     fn response(&self, retry_after: Option<u64>) -> Response<Body> {
         let mut res = json_response(
             self.status,
             &json!({ "error": self.code, "message": self.message }),
         );
+        if self.status == StatusCode::UNAUTHORIZED {
+            let challenge = match self.message.as_str() {
+                m if m == Failure::Missing.message() => "Bearer realm=\"eventgate\"",
+                _ => "Bearer realm=\"eventgate\", error=\"invalid_token\"",
+            };
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             let secs = retry_after.unwrap_or(1).max(1);
             res.headers_mut()
@@ -132,9 +153,68 @@ pub async fn handle(
     peer: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     let retry = app.config.retry_ms.div_ceil(1000);
-    Ok(match route(&app, req, peer).await {
+    let origin = allowed_origin(&app.config, &req);
+    if req.method() == Method::OPTIONS && req.headers().contains_key(header::ORIGIN) {
+        return Ok(preflight(origin));
+    }
+    let mut res = match route(&app, req, peer).await {
         Ok(res) => res,
         Err(e) => e.response(Some(retry)),
+    };
+    if let Some(origin) = origin {
+        let headers = res.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+        headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    Ok(res)
+}
+
+/// The request's `Origin` when it is on the allow-list (exact match).
+fn allowed_origin(config: &Config, req: &Request<Incoming>) -> Option<HeaderValue> {
+    let origin = req.headers().get(header::ORIGIN)?;
+    let text = origin.to_str().ok()?;
+    config
+        .cors_origins
+        .iter()
+        .any(|o| o == text)
+        .then(|| origin.clone())
+}
+
+/// Answers a CORS preflight: allowed origins get the methods and headers we take;
+/// others get 403 and no CORS headers, so the browser blocks the call.
+fn preflight(origin: Option<HeaderValue>) -> Response<Body> {
+    let Some(origin) = origin else {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this origin may not call the api",
+        )
+        .response(None);
+    };
+    Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)
+        .header(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true")
+        .header(header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, OPTIONS")
+        .header(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            "Authorization, Content-Type, Last-Event-ID",
+        )
+        .header(header::ACCESS_CONTROL_MAX_AGE, "600")
+        .header(header::VARY, "Origin")
+        .body(empty())
+        .expect("constant headers won't error")
+}
+
+/// Checks the request's token, counting refusals by reason.
+fn authorize(app: &App, req: &Request<Incoming>, scope: Scope, job: Option<Uuid>) -> Result<Grant> {
+    app.config.auth.check(req, scope, job).map_err(|failure| {
+        app.metrics.auth_failures[failure as usize].inc();
+        ApiError::auth(failure)
     })
 }
 
@@ -146,20 +226,37 @@ async fn route(app: &App, req: Request<Incoming>, peer: SocketAddr) -> Result<Re
         (&Method::GET, ["healthz"]) => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         (&Method::GET, ["readyz"]) => readyz(app).await,
         (&Method::GET, ["metrics"]) => Ok(metrics(app)),
-        (&Method::GET, ["api", "queue", "jobs"]) => list_jobs(app, &req).await,
-        (&Method::POST, ["api", "queue", "jobs"]) => create_job(app, req).await,
-        (&Method::GET, ["api", "queue", "jobs", "stream"]) => Ok(status_stream(app)),
-        (&Method::GET, ["api", "queue", "jobs", id]) => get_job(app, parse_job_id(id)?).await,
+        (&Method::GET, ["api", "queue", "jobs"]) => {
+            let grant = authorize(app, &req, Scope::Read, None)?;
+            list_jobs(app, &req, &grant).await
+        }
+        (&Method::POST, ["api", "queue", "jobs"]) => {
+            let grant = authorize(app, &req, Scope::Write, None)?;
+            create_job(app, req, &grant).await
+        }
+        (&Method::GET, ["api", "queue", "jobs", "stream"]) => {
+            let grant = authorize(app, &req, Scope::Read, None)?;
+            Ok(status_stream(app, grant))
+        }
+        (&Method::GET, ["api", "queue", "jobs", id]) => {
+            let id = parse_job_id(id)?;
+            authorize(app, &req, Scope::Read, Some(id))?;
+            get_job(app, id).await
+        }
         (&Method::GET, ["api", "queue", "jobs", id, "events"]) => {
-            events_page(app, parse_job_id(id)?, &req).await
+            let id = parse_job_id(id)?;
+            authorize(app, &req, Scope::Read, Some(id))?;
+            events_page(app, id, &req).await
         }
         (&Method::POST, ["api", "queue", "jobs", id, "events"]) => {
             let id = parse_job_id(id)?;
+            authorize(app, &req, Scope::Write, Some(id))?;
             append(app, id, req).await
         }
         (&Method::GET, ["api", "queue", "jobs", id, "events", "stream"]) => {
             let id = parse_job_id(id)?;
-            events_stream(app, id, &req, peer).await
+            let grant = authorize(app, &req, Scope::Read, Some(id))?;
+            events_stream(app, id, &req, peer, &grant).await
         }
         (&Method::GET, _) if !path.starts_with("/api/") => crate::web::serve(&path),
         (_, ["healthz" | "readyz" | "metrics"]) | (_, ["api", "queue", "jobs", ..]) => {
@@ -269,7 +366,7 @@ fn metrics(app: &App) -> Response<Body> {
         .expect("constant headers won't error")
 }
 
-async fn list_jobs(app: &App, req: &Request<Incoming>) -> Result<Response<Body>> {
+async fn list_jobs(app: &App, req: &Request<Incoming>, grant: &Grant) -> Result<Response<Body>> {
     let q = query(req);
     let limit = int_param(&q, "limit")?.unwrap_or(50);
     if !(1..=500).contains(&limit) {
@@ -291,7 +388,11 @@ async fn list_jobs(app: &App, req: &Request<Incoming>) -> Result<Response<Body>>
         }
     }
     let client = app.pool.get().await?;
-    let items = store::list_jobs(&**client, limit, status).await?;
+    let mut items = store::list_jobs(&**client, limit, status).await?;
+    if !grant.covers_all() {
+        // A token for some jobs lists only those.
+        items.retain(|job| grant.covers(job.id));
+    }
     Ok(json_response(StatusCode::OK, &json!({ "items": items })))
 }
 
@@ -329,22 +430,52 @@ async fn read_json<T: serde::de::DeserializeOwned>(app: &App, req: Request<Incom
         .and_then(|v| v.parse::<u64>().ok())
     {
         if len > max as u64 {
+            // Read (and drop) a body of reasonable size before answering: closing a
+            // socket with unread data resets it, and the client may never see the 413.
+            if len <= DISCARD_LIMIT {
+                discard(req.into_body()).await;
+            }
             return Err(too_large());
         }
     }
-    let bytes = Limited::new(req.into_body(), max)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_large()
-            } else {
-                ApiError::bad_request("invalid_body", "could not read the request body")
+    let mut body = req.into_body();
+    let mut bytes = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| {
+            ApiError::bad_request("invalid_body", "could not read the request body")
+        })?;
+        if let Some(data) = frame.data_ref() {
+            if bytes.len() + data.len() > max {
+                discard(body).await;
+                return Err(too_large());
             }
-        })?
-        .to_bytes();
+            bytes.extend_from_slice(data);
+        }
+    }
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request("invalid_body", format!("invalid json: {e}")))
+}
+
+/// Bodies up to this size are read and dropped before a 413 (see `read_json`).
+const DISCARD_LIMIT: u64 = 64 << 20;
+/// How long reading a refused body may take.
+const DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads a body to its end (or `DISCARD_LIMIT`, or `DISCARD_TIMEOUT`), keeping nothing.
+async fn discard(body: Incoming) {
+    let drain = async {
+        let mut body = body;
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                seen += data.len() as u64;
+                if seen > DISCARD_LIMIT {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIMEOUT, drain).await;
 }
 
 #[derive(Deserialize)]
@@ -358,8 +489,13 @@ struct CreateJob {
     payload: Option<serde_json::Value>,
 }
 
-async fn create_job(app: &App, req: Request<Incoming>) -> Result<Response<Body>> {
+async fn create_job(app: &App, req: Request<Incoming>, grant: &Grant) -> Result<Response<Body>> {
     let body: CreateJob = read_json(app, req).await?;
+    // A token for some jobs may create only those, by id.
+    if !grant.covers_all() && !body.id.is_some_and(|id| grant.covers(id)) {
+        app.metrics.auth_failures[Failure::Job as usize].inc();
+        return Err(ApiError::auth(Failure::Job));
+    }
     let status = body.status.as_deref().unwrap_or("queued");
     if !JOB_STATUSES.contains(&status) {
         return Err(ApiError::bad_request(
@@ -434,6 +570,16 @@ async fn append(app: &App, id: Uuid, req: Request<Incoming>) -> Result<Response<
             return Err(ApiError::bad_request(
                 "invalid_body",
                 "payload must be an object",
+            ));
+        }
+        if event.message.len() > app.config.max_message {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "message_too_large",
+                format!(
+                    "a message may hold at most {} bytes",
+                    app.config.max_message
+                ),
             ));
         }
         // PostgreSQL text cannot hold NUL.
@@ -581,8 +727,20 @@ async fn events_stream(
     id: Uuid,
     req: &Request<Incoming>,
     peer: SocketAddr,
+    grant: &Grant,
 ) -> Result<Response<Body>> {
     let cursor = stream_cursor(req)?;
+    let Some(slot) = app.slots.take(peer.ip()) else {
+        app.metrics.streams_refused.inc();
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            format!(
+                "at most {} open streams per client",
+                app.config.max_streams_per_client
+            ),
+        ));
+    };
     if app.hub.is_shutting_down() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -600,27 +758,56 @@ async fn events_stream(
             let options = stream::Options {
                 retry_ms: app.config.retry_ms,
                 shutdown_retry_ms: (app.config.retry_ms, app.config.retry_ms * 5),
-                deadline: None,
+                deadline: grant.expires_at().map(deadline_of),
             };
-            let body = stream::body(app.hub.clone(), subscription, cursor, options, peer);
+            if let Some(sub) = grant.subject() {
+                tracing::info!(job = %id, client = %peer, sub, "stream authorized");
+            }
+            let body = stream::body(app.hub.clone(), subscription, cursor, options, peer, slot);
             Ok(sse_response(body.boxed_unsync()))
         }
     }
 }
 
-fn status_stream(app: &App) -> Response<Body> {
+/// A wall-clock expiry as a tokio deadline.
+fn deadline_of(at: std::time::SystemTime) -> tokio::time::Instant {
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::Instant::now() + left
+}
+
+fn status_stream(app: &App, grant: Grant) -> Response<Body> {
     let rx = app.feed.subscribe();
+    let deadline = grant.expires_at().map(deadline_of);
     let retry = sse::retry_frame(app.config.retry_ms);
     let first = futures::stream::once(async move { Ok(hyper::body::Frame::data(retry)) });
-    let rest = futures::stream::unfold(Some(rx), |rx| async move {
-        let mut rx = rx?;
-        loop {
-            match rx.recv().await {
-                Ok(Some(bytes)) => return Some((Ok(hyper::body::Frame::data(bytes)), Some(rx))),
-                Ok(None) | Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-                // A lagging list page misses some changes; it re-reads the list on this
-                // comment-free gap anyway when it reconnects, so skip ahead.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+    let rest = futures::stream::unfold(Some(rx), move |rx| {
+        let grant = grant.clone();
+        async move {
+            let mut rx = rx?;
+            loop {
+                let item = match deadline {
+                    Some(deadline) => tokio::select! {
+                        item = rx.recv() => item,
+                        _ = tokio::time::sleep_until(deadline) => return None,
+                    },
+                    None => rx.recv().await,
+                };
+                match item {
+                    Ok(Some((job, bytes))) => {
+                        if !job.is_nil() && !grant.covers(job) {
+                            continue;
+                        }
+                        return Some((Ok(hyper::body::Frame::data(bytes)), Some(rx)));
+                    }
+                    Ok(None) | Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        return None
+                    }
+                    // A lagging list page misses some changes; it re-reads the list on this
+                    // comment-free gap anyway when it reconnects, so skip ahead.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                }
             }
         }
     });

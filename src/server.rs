@@ -30,6 +30,16 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), crate::Error> {
+    let addr = listener.local_addr()?;
+    if !config.auth.is_on() {
+        if !addr.ip().is_loopback() && !config.insecure_no_auth {
+            return Err(crate::Error::config(format!(
+                "refusing to serve {addr} without auth: set EVENTGATE_JWT_SECRET, \
+                 listen on loopback, or pass --insecure-no-auth"
+            )));
+        }
+        tracing::warn!(%addr, "auth is off: anyone who can reach this address reads every job");
+    }
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::default());
     let pool = crate::db::pool(&config.database_url, config.pool_size)?;
@@ -59,6 +69,7 @@ pub async fn run(
         config: config.clone(),
         ready,
         metrics: metrics.clone(),
+        slots: crate::limits::StreamSlots::new(config.max_streams_per_client),
     });
 
     let mut builder = auto::Builder::new(TokioExecutor::new());

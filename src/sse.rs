@@ -34,6 +34,9 @@ pub struct Event {
     pub payload: Box<RawValue>,
     /// RFC 3339 in UTC with microseconds, formatted by the query.
     pub created_at: String,
+    /// `created_at` in microseconds since the epoch (for the latency histogram).
+    #[serde(skip)]
+    pub created_us: i64,
 }
 
 impl Event {
@@ -184,6 +187,7 @@ mod tests {
             message: message.into(),
             payload: RawValue::from_string(payload.into()).unwrap(),
             created_at: "2026-01-01T00:00:00.000000Z".into(),
+            created_us: 0,
         }
     }
 

@@ -15,8 +15,9 @@ use crate::hub::Backoff;
 use crate::sse;
 use crate::store;
 
-/// Frames of the status stream; `None` means the gateway is shutting down.
-pub type Item = Option<Bytes>;
+/// Frames of the status stream with the job they are about (nil: for everyone);
+/// `None` means the gateway is shutting down.
+pub type Item = Option<(Uuid, Bytes)>;
 
 /// Jobs re-sent after the LISTEN connection came back.
 const SWEEP_JOBS: i64 = 100;
@@ -66,7 +67,7 @@ impl StatusFeed {
         let _ = self
             .inner
             .tx
-            .send(Some(Bytes::from_static(sse::KEEP_ALIVE)));
+            .send(Some((Uuid::nil(), Bytes::from_static(sse::KEEP_ALIVE))));
     }
 
     pub fn shutdown(&self) {
@@ -108,10 +109,8 @@ impl StatusFeed {
                     Ok(jobs) => {
                         backoff.reset();
                         for job in jobs {
-                            let _ = self
-                                .inner
-                                .tx
-                                .send(Some(sse::named_frame("job_status", &job)));
+                            let frame = sse::named_frame("job_status", &job);
+                            let _ = self.inner.tx.send(Some((job.id, frame)));
                         }
                         break;
                     }

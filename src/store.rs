@@ -36,7 +36,8 @@ const JOB_COLUMNS: &str = concat!(
 
 const EVENT_COLUMNS: &str = concat!(
     "id, job_id, seq, level, message, payload::text, ",
-    ts!("created_at")
+    ts!("created_at"),
+    ", (extract(epoch FROM created_at) * 1000000)::int8"
 );
 
 /// One row of `agent_jobs`, as the API shows it.
@@ -78,6 +79,7 @@ pub fn event_from_row(row: &Row) -> Event {
         message: row.get(4),
         payload: raw(row.get(5)),
         created_at: row.get(6),
+        created_us: row.get(7),
     }
 }
 

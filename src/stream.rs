@@ -25,8 +25,9 @@ use crate::hub::{Backoff, CatchUp, Hub, Item, Subscription, READ_PAGE};
 use crate::sse::{self, Batch};
 use crate::store;
 
-/// Attempts at a backfill read before the stream ends and lets the client reconnect.
-const BACKFILL_ATTEMPTS: u32 = 8;
+/// Attempts at a backfill read (about 25 s with backoff) before the stream ends and
+/// lets the client reconnect with its Last-Event-ID.
+const BACKFILL_ATTEMPTS: u32 = 16;
 
 /// How a stream is shaped: the retry hint and when it must end on its own.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +47,7 @@ pub fn body(
     cursor: i64,
     options: Options,
     peer: std::net::SocketAddr,
+    slot: crate::limits::Slot,
 ) -> StreamBody<impl futures::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send> {
     let hub_metrics = hub.metrics().clone();
     let job_id = subscription.job.id();
@@ -56,7 +58,7 @@ pub fn body(
         options,
         queue: VecDeque::new(),
         phase: Phase::Start,
-        _open: StreamGuard::new(hub_metrics, job_id, peer),
+        _open: StreamGuard::new(hub_metrics, job_id, peer, slot),
     };
     let stream = futures::stream::unfold(subscriber, |mut s| async move {
         let bytes = s.next().await?;
@@ -65,6 +67,7 @@ pub fn body(
     StreamBody::new(stream)
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Start,
     CatchUp,
@@ -84,6 +87,17 @@ struct Subscriber {
 }
 
 impl Subscriber {
+    /// Moves to another phase, keeping the "catching up" gauge right.
+    fn set_phase(&mut self, phase: Phase) {
+        let gauge = &self.hub.metrics().streams_catching_up;
+        match (self.phase == Phase::CatchUp, phase == Phase::CatchUp) {
+            (false, true) => gauge.inc(),
+            (true, false) => gauge.dec(),
+            _ => {}
+        }
+        self.phase = phase;
+    }
+
     /// The next bytes to write, or `None` when the stream ends.
     async fn next(&mut self) -> Option<Bytes> {
         loop {
@@ -92,14 +106,14 @@ impl Subscriber {
             }
             match self.phase {
                 Phase::Start => {
-                    self.phase = Phase::CatchUp;
+                    self.set_phase(Phase::CatchUp);
                     return Some(sse::retry_frame(self.options.retry_ms));
                 }
                 Phase::CatchUp => {
                     if let Err(e) = self.catch_up().await {
                         tracing::warn!(job = %self.subscription.job.id(), error = %e,
                             "backfill failed; ending the stream so the client resumes");
-                        self.phase = Phase::Done;
+                        self.set_phase(Phase::Done);
                     }
                 }
                 Phase::Live => {
@@ -122,7 +136,7 @@ impl Subscriber {
                 }
                 self.queue.extend(frames);
                 self.cursor = self.cursor.max(last_seq);
-                self.phase = Phase::Live;
+                self.set_phase(Phase::Live);
                 self.check_end();
                 return Ok(());
             }
@@ -138,13 +152,13 @@ impl Subscriber {
             }
             if let Some(end) = batch.end() {
                 self.queue.push_back(end.frame());
-                self.phase = Phase::Done;
+                self.set_phase(Phase::Done);
                 return Ok(());
             }
         }
         if finished {
             // The table had nothing more; whatever commits next arrives on the receiver.
-            self.phase = Phase::Live;
+            self.set_phase(Phase::Live);
             self.check_end();
         }
         Ok(())
@@ -187,7 +201,7 @@ impl Subscriber {
         if let Some(end) = self.subscription.job.end() {
             if self.cursor >= end.last_seq {
                 self.queue.push_back(end.frame());
-                self.phase = Phase::Done;
+                self.set_phase(Phase::Done);
             }
         }
     }
@@ -199,7 +213,7 @@ impl Subscriber {
                 item = self.subscription.rx.recv() => item,
                 _ = tokio::time::sleep_until(deadline) => {
                     // Credentials expired: end; the browser reconnects with fresh ones.
-                    self.phase = Phase::Done;
+                    self.set_phase(Phase::Done);
                     return None;
                 }
             },
@@ -209,18 +223,18 @@ impl Subscriber {
             Ok(Item::Batch(batch)) => self.deliver(&batch),
             Ok(Item::KeepAlive) => Some(Bytes::from_static(sse::KEEP_ALIVE)),
             Ok(Item::Shutdown) => {
-                self.phase = Phase::Done;
+                self.set_phase(Phase::Done);
                 let (low, high) = self.options.shutdown_retry_ms;
                 Some(sse::retry_frame(fastrand::u64(low..=high.max(low))))
             }
             Err(RecvError::Lagged(missed)) => {
                 tracing::debug!(job = %self.subscription.job.id(), missed, "subscriber lagged; resyncing");
                 self.hub.metrics().lag_resyncs.inc();
-                self.phase = Phase::CatchUp;
+                self.set_phase(Phase::CatchUp);
                 None
             }
             Err(RecvError::Closed) => {
-                self.phase = Phase::Done;
+                self.set_phase(Phase::Done);
                 None
             }
         }
@@ -232,22 +246,29 @@ impl Subscriber {
         }
         if batch.first_seq() > self.cursor + 1 {
             // A hole: go back to the ring or the table for what is missing.
-            self.phase = Phase::CatchUp;
+            self.set_phase(Phase::CatchUp);
             return None;
         }
         let bytes = batch.after(self.cursor);
         self.cursor = batch.last_seq();
         if let Some(end) = batch.end() {
             self.queue.push_back(end.frame());
-            self.phase = Phase::Done;
+            self.set_phase(Phase::Done);
         }
         bytes
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.set_phase(Phase::Done);
     }
 }
 
 /// Counts open streams for `/metrics` and logs each stream's opening and end.
 struct StreamGuard {
     metrics: Arc<crate::metrics::Metrics>,
+    _slot: crate::limits::Slot,
     job: uuid::Uuid,
     peer: std::net::SocketAddr,
     opened: tokio::time::Instant,
@@ -258,12 +279,14 @@ impl StreamGuard {
         metrics: Arc<crate::metrics::Metrics>,
         job: uuid::Uuid,
         peer: std::net::SocketAddr,
+        slot: crate::limits::Slot,
     ) -> StreamGuard {
         metrics.streams_open.inc();
         metrics.streams_opened.inc();
         tracing::info!(%job, client = %peer, "stream opened");
         StreamGuard {
             metrics,
+            _slot: slot,
             job,
             peer,
             opened: tokio::time::Instant::now(),

@@ -253,8 +253,12 @@ pub async fn request(
 ) -> std::io::Result<Response> {
     let stream = TcpStream::connect(addr).await?;
     let mut conn = Conn::new(stream);
-    conn.send(method, path, headers, body, true).await?;
-    let (status, headers) = conn.read_head().await?;
+    // A server may answer (413) before it has read the whole body: still read it.
+    let sent = conn.send(method, path, headers, body, true).await;
+    let (status, headers) = match conn.read_head().await {
+        Ok(head) => head,
+        Err(e) => return Err(sent.err().unwrap_or(e)),
+    };
     let body = conn.read_body_to_end(&headers).await?;
     Ok(Response {
         status,
@@ -396,13 +400,19 @@ pub struct Sse {
 
 impl Sse {
     pub async fn connect(addr: SocketAddr, path: &str, last_event_id: Option<i64>) -> Sse {
+        let id = last_event_id.map(|n| n.to_string());
+        let mut headers = vec![];
+        if let Some(id) = &id {
+            headers.push(("Last-Event-ID", id.as_str()));
+        }
+        Sse::connect_with(addr, path, &headers).await
+    }
+
+    pub async fn connect_with(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> Sse {
         let stream = TcpStream::connect(addr).await.unwrap();
         let mut conn = Conn::new(stream);
-        let id = last_event_id.map(|n| n.to_string());
         let mut headers = vec![("Accept", "text/event-stream")];
-        if let Some(id) = &id {
-            headers.push(("Last-Event-ID", id));
-        }
+        headers.extend_from_slice(extra);
         conn.send("GET", path, &headers, None, false).await.unwrap();
         let (status, headers) = conn.read_head().await.unwrap();
         let ended = status != 200;
@@ -432,6 +442,12 @@ impl Sse {
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The body of a refused stream (a JSON error or nothing).
+    pub async fn error_body(&mut self) -> Vec<u8> {
+        assert_ne!(self.status, 200, "an open stream has no end");
+        self.conn.read_body_to_end(&self.headers).await.unwrap()
     }
 
     /// Reads one more chunk of the body into `raw` (and the parser's buffer).
