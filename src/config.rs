@@ -24,6 +24,9 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default largest request body, in bytes.
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+/// Default interval of the gateway's query over the counters of served jobs, which
+/// bounds the delay of events whose NOTIFY was debounced or suppressed.
+pub const DEFAULT_COUNTER_POLL: Duration = Duration::from_millis(25);
 /// Default events per polling page.
 pub const DEFAULT_PAGE: i64 = 200;
 /// Default largest `limit` of a polling page.
@@ -46,6 +49,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub max_body: usize,
     pub max_page: i64,
+    /// Interval of the counter poll; zero turns it off.
+    pub counter_poll: Duration,
     pub max_message: usize,
     pub max_streams_per_client: usize,
     pub hub: hub::Settings,
@@ -70,6 +75,7 @@ impl Config {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_body: DEFAULT_MAX_BODY,
             max_page: MAX_PAGE,
+            counter_poll: DEFAULT_COUNTER_POLL,
             max_message: DEFAULT_MAX_MESSAGE,
             max_streams_per_client: DEFAULT_MAX_STREAMS_PER_CLIENT,
             hub: hub::Settings::default(),
@@ -92,6 +98,7 @@ impl fmt::Debug for Config {
             .field("shutdown_grace", &self.shutdown_grace)
             .field("max_body", &self.max_body)
             .field("max_page", &self.max_page)
+            .field("counter_poll", &self.counter_poll)
             .field("max_message", &self.max_message)
             .field("max_streams_per_client", &self.max_streams_per_client)
             .field("hub", &self.hub)

@@ -10,10 +10,16 @@ use crate::Error;
 
 /// Migrations, in order. Each is applied once, in its own transaction, and recorded in
 /// `eventgate_migrations`; every file is also written to be safe to run again.
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_jobs_and_events.sql",
-    include_str!("../sql/0001_jobs_and_events.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_jobs_and_events.sql",
+        include_str!("../sql/0001_jobs_and_events.sql"),
+    ),
+    (
+        "0002_debounced_notify.sql",
+        include_str!("../sql/0002_debounced_notify.sql"),
+    ),
+];
 
 /// Key of the advisory lock that serializes concurrent `migrate` runs.
 const MIGRATE_LOCK_KEY: i64 = 0x6576_656e_7467_6174; // "eventgat"

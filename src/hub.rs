@@ -278,6 +278,32 @@ impl Hub {
         }
     }
 
+    /// One query over the counters of every job with state: any job whose `last_seq`
+    /// is ahead of ours is read. This delivers what debounced or suppressed
+    /// notifications did not announce (see `sql/0002_debounced_notify.sql`), and costs
+    /// one query per interval for all jobs together, none when no one is subscribed.
+    pub async fn poll_counters(&self) -> Result<(), crate::Error> {
+        let ids: Vec<Uuid> = self.jobs().keys().copied().collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let client = self.inner.pool.get().await?;
+        let stmt = client
+            .prepare_cached("SELECT id, last_seq FROM agent_jobs WHERE id = ANY($1)")
+            .await?;
+        let rows = client.query(&stmt, &[&ids]).await;
+        if let Err(e) = &rows {
+            if crate::db::is_connection_error(e) {
+                let _ = deadpool_postgres::Object::take(client);
+            }
+        }
+        self.inner.metrics.counter_polls.inc();
+        for row in rows? {
+            self.wake(row.get(0), row.get(1));
+        }
+        Ok(())
+    }
+
     /// Reads and broadcasts until the job has nothing new and no notification is
     /// pending. One of these runs per job at most.
     async fn read_loop(&self, job: Arc<Job>) {

@@ -112,6 +112,10 @@ struct GatewayArgs {
     /// Largest message of one appended event in bytes (larger gets 413).
     #[arg(long, env = "EVENTGATE_MAX_MESSAGE", default_value_t = config::DEFAULT_MAX_MESSAGE)]
     max_message: usize,
+    /// Interval of the query over served jobs' counters that delivers events whose
+    /// NOTIFY was debounced or suppressed (0 turns it off).
+    #[arg(long, env = "EVENTGATE_COUNTER_POLL", default_value = "25ms", value_parser = config::parse_duration)]
+    counter_poll: std::time::Duration,
     /// Largest `limit` of a polling page.
     #[arg(long, env = "EVENTGATE_MAX_PAGE", default_value_t = config::MAX_PAGE)]
     max_page: i64,
@@ -144,6 +148,7 @@ impl GatewayArgs {
         config.shutdown_grace = self.shutdown_grace;
         config.max_body = self.max_body;
         config.max_message = self.max_message;
+        config.counter_poll = self.counter_poll;
         config.max_page = self.max_page.clamp(1, 100_000);
         config.max_streams_per_client = self.max_streams_per_client;
         if let Some(secret) = self.jwt_secret.as_deref().filter(|s| !s.is_empty()) {

@@ -99,6 +99,7 @@ pub struct Metrics {
     pub events_delivered: Counter,
     pub bytes_delivered: Counter,
     pub streams_catching_up: Gauge,
+    pub counter_polls: Counter,
     pub streams_refused: Counter,
     /// Indexed like `auth::Failure::ALL`.
     pub auth_failures: [Counter; 5],
@@ -201,6 +202,13 @@ impl Metrics {
              eventgate_table_reads_total{{purpose=\"backfill\"}} {}",
             self.table_reads_live.get(),
             self.table_reads_backfill.get()
+        );
+        family(
+            &mut out,
+            "eventgate_counter_polls_total",
+            "counter",
+            "Queries over the counters of served jobs (the debounced-notify safety net).",
+            self.counter_polls.get(),
         );
         family(
             &mut out,

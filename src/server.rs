@@ -62,6 +62,12 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
+    let poll_task = tokio::spawn(poll_counters(
+        hub.clone(),
+        config.counter_poll,
+        stop_rx.clone(),
+    ));
+
     let app = Arc::new(App {
         hub: hub.clone(),
         feed: feed.clone(),
@@ -137,6 +143,7 @@ pub async fn run(
     for (name, task) in [
         ("listener", listener_task),
         ("ticker", ticker_task),
+        ("counter poll", poll_task),
         ("status feed", feed_task),
     ] {
         if let Err(e) = task.await {
@@ -166,6 +173,33 @@ async fn tick(
             }
             _ = janitor.tick() => hub.drop_idle(),
             _ = stop_rx.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// The counter poll: delivers events whose notification was debounced or suppressed,
+/// within `interval`.
+async fn poll_counters(hub: Hub, interval: Duration, mut stop_rx: watch::Receiver<bool>) {
+    if interval.is_zero() {
+        return;
+    }
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop_rx.wait_for(|stop| *stop) => return,
+        }
+        match hub.poll_counters().await {
+            Ok(()) => failing = false,
+            Err(e) => {
+                // Log once per outage, not 40 times a second.
+                if !failing {
+                    tracing::warn!(error = %e, "counter poll failed; retrying");
+                }
+                failing = true;
+            }
         }
     }
 }

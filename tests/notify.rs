@@ -1,0 +1,174 @@
+//! Debounced and suppressed NOTIFY (sql/0002): fewer notifications, same delivery.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+/// Counts notifications on `agent_job_events` from a LISTEN connection of its own.
+async fn listen(url: &str) -> (tokio_postgres::Client, mpsc::UnboundedReceiver<String>) {
+    let (client, mut connection) = eventgate::db::config(url)
+        .unwrap()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute("LISTEN agent_job_events")
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+fn drain(rx: &mut mpsc::UnboundedReceiver<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Ok(p) = rx.try_recv() {
+        out.push(p);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_notifies_about_once_and_its_last_batch_is_not_stranded() {
+    let url = database().await;
+    let gw = Gateway::start(&url).await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let job = create_job(&db).await;
+    let (_listener, mut rx) = listen(&url).await;
+    let mut subscribers =
+        futures::future::join_all((0..3).map(|_| Sse::job(gw.addr, job, None))).await;
+
+    // 100 statements as fast as one session can commit them (well inside 1 s each
+    // way on any machine that runs this test in reasonable time).
+    let started = std::time::Instant::now();
+    for i in 0..100 {
+        insert(&db, job, 2, &format!("burst {i}")).await;
+    }
+    let elapsed = started.elapsed();
+    for sse in subscribers.iter_mut() {
+        assert_exact(&seqs(&sse.until_seq(200).await), 1, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let notes = drain(&mut rx);
+    // At most one per started second of the burst, plus the first.
+    let bound = 2 + elapsed.as_secs() as usize;
+    assert!(
+        !notes.is_empty() && notes.len() <= bound,
+        "{} notifications for 100 statements in {elapsed:?}",
+        notes.len()
+    );
+    assert!(gw.metric("eventgate_counter_polls_total").await > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_with_notify_off_are_delivered_by_the_counter_poll() {
+    let url = database().await;
+    let gw = Gateway::start(&url).await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let job = create_job(&db).await;
+    let (_listener, mut rx) = listen(&url).await;
+    let mut sse = Sse::job(gw.addr, job, None).await;
+
+    let bulk = eventgate::db::connect(&url).await.unwrap();
+    bulk.batch_execute("SET eventgate.notify = off")
+        .await
+        .unwrap();
+    for i in 0..50 {
+        insert(&bulk, job, 10, &format!("bulk {i}")).await;
+        if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+    assert_exact(&seqs(&sse.until_seq(500).await), 1, 500);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        drain(&mut rx).is_empty(),
+        "no NOTIFY from a notify=off session"
+    );
+
+    // The status change still ends the stream (it notifies the status channel only;
+    // its event comes through the poll like the rest).
+    set_status(&bulk, job, "succeeded").await;
+    let rest = sse.read_to_end().await;
+    assert_eq!(seqs(&rest), vec![501]);
+    assert_eq!(rest.last().unwrap().event, "end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_writers_still_wake_an_idle_gateway_at_once_and_always_means_always() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let job = create_job(&db).await;
+    let (_listener, mut rx) = listen(&url).await;
+
+    // A quiet job: its first statement notifies, with the hint payload.
+    insert(&db, job, 3, "hello").await;
+    let first = tokio::time::timeout(PATIENCE, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, format!("{job}:3"));
+
+    // `always`: one per statement, the behaviour before debouncing.
+    let loud = eventgate::db::connect(&url).await.unwrap();
+    loud.batch_execute("SET eventgate.notify = 'always'")
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        insert(&loud, job, 1, "loud").await;
+    }
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        got.push(
+            tokio::time::timeout(PATIENCE, rx.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        got,
+        (4..=8).map(|s| format!("{job}:{s}")).collect::<Vec<_>>()
+    );
+
+    // A short debounce set for the database applies to new sessions.
+    let db_name: String = db
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    db.batch_execute(&format!(
+        "ALTER DATABASE {db_name} SET eventgate.notify_debounce = '1ms'"
+    ))
+    .await
+    .unwrap();
+    let quick = eventgate::db::connect(&url).await.unwrap();
+    for _ in 0..3 {
+        insert(&quick, job, 1, "quick").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.push(
+            tokio::time::timeout(PATIENCE, rx.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        got,
+        (9..=11).map(|s| format!("{job}:{s}")).collect::<Vec<_>>()
+    );
+}
