@@ -67,7 +67,10 @@ function eventKind(ev) {
   return 'log';
 }
 
-/** Splits events into lines; `prevStage` is the stage of the event before the first. */
+/**
+ * Splits events into lines. `prevStage` is the stage of the event before the first:
+ * null when there is none (the log's start), undefined when it is not loaded yet.
+ */
 function linesOf(events, prevStage) {
   const result = [];
   for (const ev of events) {
@@ -84,7 +87,7 @@ function linesOf(events, prevStage) {
     };
     let stageStart = kind === 'stage' || kind === 'status';
     if (kind === 'log' && meta.stage !== undefined) {
-      stageStart = prevStage !== null && meta.stage !== prevStage;
+      stageStart = prevStage !== undefined && meta.stage !== prevStage;
       prevStage = meta.stage;
     }
     const parts = String(ev.message ?? '').split('\n');
@@ -153,8 +156,8 @@ function resetWindowToEnd() {
   winStart = Math.max(0, winEnd - 2 * CHUNK);
   out.replaceChildren(rowsFor(winStart, winEnd));
   $('empty').hidden = view.length > 0;
-  scrollToBottom();
   updateOlder();
+  scrollToBottom();
 }
 
 function trimTop() {
@@ -326,6 +329,7 @@ function receive(ev) {
   }
 }
 
+/** The stage of the last loaded line (see linesOf). */
 let prevStage = null;
 
 function flush() {
@@ -360,7 +364,7 @@ async function loadOlder() {
     if (!events.length || events[0].seq <= 1 || page.items.length < PAGE) olderDone = true;
     if (events.length) {
       firstSeq = events[0].seq;
-      prependLines(linesOf(events, null));
+      prependLines(linesOf(events, olderDone ? null : undefined));
     }
   } catch {
     $('older').textContent = 'Could not load older lines; scroll up to retry';
@@ -734,14 +738,14 @@ async function start() {
     tail = { items: [], jobStatus: job.status, failed: true };
   }
   const items = tail.items;
+  olderDone = !tail.failed && (!items.length || items[0].seq <= 1 || items.length < PAGE);
+  prevStage = olderDone ? null : undefined;
   if (items.length) {
     firstSeq = items[0].seq;
     lastSeq = items[items.length - 1].seq;
-    const tailLines = linesOf(items, null);
+    lines = linesOf(items, prevStage);
     for (const ev of items) if (ev.payload && typeof ev.payload.stage === 'string') prevStage = ev.payload.stage;
-    lines = tailLines;
   }
-  olderDone = !tail.failed && (!items.length || items[0].seq <= 1 || items.length < PAGE);
   if (tail.failed) firstSeq = lastSeq = 0; // SSE starts from the beginning instead
   view = lines.filter(matches);
   resetWindowToEnd();
