@@ -241,6 +241,25 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     await page.close();
   });
 
+  test('download fetches every page of the full log as text', async () => {
+    const id = jobs.create('download', 'queued');
+    // 2,500 events (three pages), the first one with colour, the last with two lines.
+    pg.sql(`INSERT INTO agent_job_events (job_id, level, message, payload)
+      SELECT '${id}', 'info', E'\\x1b[32mdl\\x1b[0m line ' || i, '{"kind":"log","stream":"stdout"}'::jsonb
+      FROM generate_series(1, 2499) i`);
+    jobs.append(id, ['dl line 2500\ndl line 2501']);
+    const page = await openJob(id);
+    await waitForLine(page, 'dl line 2501');
+    const [download] = await Promise.all([page.waitForEvent('download', { timeout: 60_000 }), page.getByTestId('download').click()]);
+    assert.equal(download.suggestedFilename(), `job-${id}.log`);
+    const file = await download.path();
+    const lines = fs.readFileSync(file, 'utf8').split('\n');
+    assert.equal(lines.pop(), '');
+    assert.deepEqual(lines, Array.from({ length: 2501 }, (_, i) => `dl line ${i + 1}`));
+    await waitUntil(async () => /Downloaded 2501 lines/.test(await page.getByTestId('copy-status').textContent()), 'the confirmation');
+    await page.close();
+  });
+
   test('ANSI colours become spans; escapes, carriage returns and HTML are handled', async () => {
     const id = jobs.create('ansi');
     jobs.append(id, [

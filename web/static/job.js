@@ -724,6 +724,7 @@ async function start() {
         $('title').textContent = e.status === 404 ? 'Job not found' : 'Cannot load the job';
         statusBadge($('status'), 'unknown');
         setConn('ended', e.message);
+        vp.setAttribute('aria-busy', 'false');
         clearInterval(ticker);
         return;
       }
@@ -749,6 +750,7 @@ async function start() {
   if (tail.failed) firstSeq = lastSeq = 0; // SSE starts from the beginning instead
   view = lines.filter(matches);
   resetWindowToEnd();
+  vp.setAttribute('aria-busy', 'false');
   updateFollow();
   setStatus(tail.jobStatus || job.status);
   $('t-events').textContent = String(Math.max(job.lastSeq || 0, lastSeq));

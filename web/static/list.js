@@ -74,9 +74,10 @@ function setConn(state) {
 }
 
 let frame = false;
+/** Set by an error: the next open re-reads the list (changes were missed meanwhile). */
+let hadError = false;
 function connect() {
   const es = new EventSource('/api/queue/jobs/stream');
-  let hadError = false;
   es.addEventListener('open', () => {
     setConn('live');
     // Changes made while disconnected were not sent: read the list again.
