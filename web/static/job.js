@@ -464,8 +464,12 @@ async function afterClosed() {
       await pollOnce();
       return;
     }
-  } catch {
-    // the gateway is down: count it as one more failure
+  } catch (e) {
+    if (e.status === 404) {
+      gone();
+      return;
+    }
+    // otherwise the gateway is down: count it as one more failure
   }
   if (ended) return;
   if (failures >= FAILS_BEFORE_POLLING) startPolling();
@@ -506,7 +510,11 @@ async function pollOnce() {
       return;
     }
     if (page.items.length === PAGE) delay = 0;
-  } catch {
+  } catch (e) {
+    if (e.status === 404) {
+      gone();
+      return;
+    }
     delay = POLL_MS * 2;
   }
   polls++;
@@ -529,6 +537,17 @@ async function finish(status) {
   }
   clearInterval(ticker);
   setConn('ended', 'The job is finished; the output is complete');
+}
+
+/** The job was deleted while shown: keep the output, stop asking. */
+function gone() {
+  ended = true;
+  closeSse();
+  stopPolling();
+  clearTimeout(retryTimer);
+  clearInterval(ticker);
+  statusBadge($('status'), 'deleted');
+  setConn('ended', 'The job no longer exists');
 }
 
 // ---- the job header ---------------------------------------------------------------
