@@ -268,9 +268,10 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
       'progress 10%\rprogress 50%\rprogress 100%',
       '\x1b]0;window title\x07cleared\x1b[K line\x1b[2J',
       '<b>not bold</b> & <script>window.__pwned = 1</script>',
+      '\x1b[35mmagenta start\nmagenta continued\x1b[0m\nplain after',
     ]);
     const page = await openJob(id);
-    await waitForLine(page, '<b>not bold</b> & <script>window.__pwned = 1</script>');
+    await waitForLine(page, 'plain after');
     const text = await page.locator(OUTPUT).textContent();
     assert.ok(!text.includes('\x1b'), 'no raw escape');
     assert.ok(!text.includes('\r'), 'no carriage return');
@@ -282,7 +283,12 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
       'progress 100%',
       'cleared line',
       '<b>not bold</b> & <script>window.__pwned = 1</script>',
+      'magenta start',
+      'magenta continued',
+      'plain after',
     ]);
+    // A colour set on one line of a coalesced event carries to the next.
+    assert.deepEqual(await page.locator(`${OUTPUT} span.fg-magenta`).allTextContents(), ['magenta start', 'magenta continued']);
     const red = page.locator(`${OUTPUT} span.fg-red`);
     assert.equal(await red.textContent(), 'red text');
     const colours = await page.locator(`${OUTPUT} .row`).first().evaluate((row) => [

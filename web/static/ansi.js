@@ -15,6 +15,23 @@ export function collapseCarriageReturns(line) {
   return cr < 0 ? text : text.slice(cr + 1);
 }
 
+const SGR = /(?:\x1b\[|\x9b)([0-9;:]*)m/g;
+
+/**
+ * The SGR sequences still in force at the end of `line` (those after its last reset),
+ * so the next line of the same output can start with the colours a terminal would
+ * still be using. Empty when nothing is in force.
+ */
+export function sgrCarry(line, carry = '') {
+  if (line.indexOf('\x1b') < 0 && line.indexOf('\x9b') < 0) return carry;
+  SGR.lastIndex = 0;
+  for (let m; (m = SGR.exec(line)); ) {
+    if (m[1] === '' || m[1] === '0' || m[1] === '00') carry = '';
+    else carry += m[0];
+  }
+  return carry;
+}
+
 /** A line without any escape sequence (for search, copy and download). */
 export function stripAnsi(line) {
   return line.indexOf('\x1b') < 0 && line.indexOf('\x9b') < 0 ? line : line.replace(ESCAPES, '');

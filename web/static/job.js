@@ -10,7 +10,7 @@
 // Variable row heights (wrap) are fine because the window slides by measured height.
 
 import { TERMINAL, setupTheme, statusBadge, formatTime, formatClock, formatDuration, jobDuration, getJson } from './common.js';
-import { collapseCarriageReturns, stripAnsi, parseAnsi, appendRun } from './ansi.js';
+import { collapseCarriageReturns, stripAnsi, parseAnsi, appendRun, sgrCarry } from './ansi.js';
 
 /** Most rows kept in the DOM. */
 const MAX_ROWS = 3000;
@@ -92,7 +92,13 @@ function linesOf(events, prevStage) {
     }
     const parts = String(ev.message ?? '').split('\n');
     if (parts.length > 1 && parts[parts.length - 1] === '') parts.pop();
-    parts.forEach((text, i) => result.push({ e: meta, t: collapseCarriageReturns(text), s: stageStart && i === 0 }));
+    // Colours set on one line of a coalesced message stay on for the next, as in a terminal.
+    let carry = '';
+    parts.forEach((text, i) => {
+      const line = collapseCarriageReturns(text);
+      result.push({ e: meta, t: carry + line, s: stageStart && i === 0 });
+      if (i < parts.length - 1) carry = sgrCarry(line, carry);
+    });
   }
   return result;
 }
