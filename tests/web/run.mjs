@@ -108,12 +108,21 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     await page.mouse.wheel(0, -1500);
     await jump.waitFor({ state: 'visible', timeout: 10_000 });
     assert.equal(await follow.getAttribute('aria-pressed'), 'false');
-    const top = await page.getByTestId('output-viewport').evaluate((el) => el.scrollTop);
+    // Let any smooth-scroll animation finish before taking the position.
+    const scrollTop = () => page.getByTestId('output-viewport').evaluate((el) => el.scrollTop);
+    let top = await scrollTop();
+    await waitUntil(async () => {
+      await settle(page);
+      const now = await scrollTop();
+      const still = now === top;
+      top = now;
+      return still;
+    }, 'the scroll position to settle');
     jobs.append(id, ['while scrolled up']);
     await waitForLine(page, 'while scrolled up');
     await settle(page);
     assert.equal(await atBottom(page), false, 'a paused view does not move');
-    assert.equal(await page.getByTestId('output-viewport').evaluate((el) => el.scrollTop), top);
+    assert.equal(await scrollTop(), top);
 
     // Jump to latest resumes following.
     await jump.click();
@@ -429,6 +438,36 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     await page.getByTestId('jump-latest').click();
     await waitForLine(page, 'the very end');
     await waitUntil(() => atBottom(page), 'the bottom');
+    await page.close();
+  });
+
+  test('keyboard and phone: every control reachable, no page-wide sideways scroll', async () => {
+    const id = jobs.create('keyboard');
+    jobs.append(id, ['kb info', { message: 'kb warning', level: 'warn', stream: 'stderr' }, 'x'.repeat(400)]);
+    const page = await browser.context.newPage();
+    await page.setViewportSize({ width: 390, height: 800 });
+    await page.goto(`${gw.base}/jobs/${id}`);
+    await waitForLine(page, 'kb warning');
+    assert.ok(await page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth), 'fits a phone');
+    // "/" focuses the search; Tab walks the controls; Enter/Space press them.
+    await page.keyboard.press('/');
+    assert.equal(await page.evaluate(() => document.activeElement.dataset.testid), 'search');
+    const reached = new Set();
+    await page.getByTestId('back-link').focus();
+    for (let i = 0; i < 30; i++) {
+      await page.keyboard.press('Tab');
+      reached.add(await page.evaluate(() => document.activeElement.dataset.testid));
+    }
+    for (const testid of ['theme-toggle', 'filter-all', 'filter-stages', 'filter-logs', 'filter-problems', 'stream-stdout',
+      'stream-stderr', 'search', 'toggle-timestamps', 'toggle-wrap', 'follow-toggle', 'copy', 'download', 'output-viewport']) {
+      assert.ok(reached.has(testid), `${testid} is reachable with Tab`);
+    }
+    await page.getByTestId('filter-problems').focus();
+    await page.keyboard.press('Enter');
+    await waitUntil(async () => JSON.stringify(await outputLines(page)) === '["kb warning"]', 'the filter by keyboard');
+    await page.getByTestId('toggle-wrap').focus();
+    await page.keyboard.press('Space');
+    assert.equal(await page.getByTestId('toggle-wrap').isChecked(), true);
     await page.close();
   });
 
