@@ -108,10 +108,23 @@ async fn run_mode(
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let mut subscribers = Vec::new();
     if let Some((addr, _, _)) = &gateway {
-        for job in jobs.iter().take(SUBSCRIBED_JOBS) {
+        // Start each stream at the job's current end: earlier modes' events are not
+        // this mode's deliveries.
+        let db = eventgate::db::connect(url).await.unwrap();
+        let ids: Vec<Uuid> = jobs.iter().take(SUBSCRIBED_JOBS).copied().collect();
+        let rows = db
+            .query(
+                "SELECT id, last_seq FROM agent_jobs WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await
+            .unwrap();
+        for row in rows {
+            let (job, after): (Uuid, i64) = (row.get(0), row.get(1));
             subscribers.push(tokio::spawn(subscribe(
                 *addr,
-                *job,
+                job,
+                after,
                 stop.clone(),
                 latencies.clone(),
             )));
@@ -195,6 +208,7 @@ async fn run_mode(
 async fn subscribe(
     addr: std::net::SocketAddr,
     job: Uuid,
+    after: i64,
     stop: Arc<AtomicBool>,
     latencies: Arc<Mutex<Vec<u64>>>,
 ) -> (usize, usize) {
@@ -204,10 +218,12 @@ async fn subscribe(
             .await
             .unwrap();
     tokio::spawn(conn);
-    let req = hyper::Request::get(format!("/api/queue/jobs/{job}/events/stream"))
-        .header("host", "bench")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
+    let req = hyper::Request::get(format!(
+        "/api/queue/jobs/{job}/events/stream?afterSeq={after}"
+    ))
+    .header("host", "bench")
+    .body(Empty::<Bytes>::new())
+    .unwrap();
     let mut body = sender.send_request(req).await.unwrap().into_body();
     let mut pending = String::new();
     let (mut received, mut gaps, mut last) = (0usize, 0usize, None::<i64>);
