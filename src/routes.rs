@@ -801,12 +801,10 @@ fn status_stream(app: &App, grant: Grant) -> Response<Body> {
                         }
                         return Some((Ok(hyper::body::Frame::data(bytes)), Some(rx)));
                     }
-                    Ok(None) | Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        return None
-                    }
-                    // A lagging list page misses some changes; it re-reads the list on this
-                    // comment-free gap anyway when it reconnects, so skip ahead.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    // A list page that fell behind would miss changes: end the stream
+                    // instead, so it reconnects and re-reads the list (as it does after
+                    // any reconnect). Never a silent skip.
+                    Ok(None) | Err(_) => return None,
                 }
             }
         }
