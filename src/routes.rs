@@ -157,7 +157,10 @@ pub async fn handle(
     if req.method() == Method::OPTIONS && req.headers().contains_key(header::ORIGIN) {
         return Ok(preflight(origin));
     }
-    let mut res = match route(&app, req, peer).await {
+    // Boxed: hyper keeps room for this future in every connection for its whole life,
+    // and the routes' futures (database calls) are large. Boxed, the room is a pointer
+    // and the large future lives only while a request is being handled.
+    let mut res = match Box::pin(route(&app, req, peer)).await {
         Ok(res) => res,
         Err(e) => e.response(Some(retry)),
     };
