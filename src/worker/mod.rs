@@ -69,7 +69,7 @@ pub const DEFAULT_MAX_STATEMENTS_PER_SEC: f64 = 20.0;
 /// Longest line stored as one; longer ones are cut with [`SPLIT_MARKER`].
 pub const DEFAULT_MAX_LINE_BYTES: usize = 32 * 1024;
 /// Bound of the queue between the pipes and the database.
-pub const DEFAULT_BUFFER_BYTES: usize = 32 * 1024 * 1024;
+pub const DEFAULT_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 /// Longest a pipe waits for room in a full queue while the database is up before the
 /// oldest output is dropped (and reported).
 pub const DEFAULT_MAX_STALL: Duration = Duration::from_secs(10);
@@ -138,7 +138,7 @@ pub struct RunArgs {
     /// Longest line kept whole, in bytes [default: 32768].
     #[arg(long, env = "EVENTGATE_MAX_LINE_BYTES")]
     pub max_line_bytes: Option<usize>,
-    /// Bound of the output queue in bytes [default: 33554432].
+    /// Bound of the output queue in bytes [default: 16777216].
     #[arg(long, env = "EVENTGATE_BUFFER_BYTES")]
     pub buffer_bytes: Option<usize>,
     /// Longest wait for room in a full queue while the database is up [default: 10s].

@@ -80,7 +80,9 @@ impl Reader {
                 Ok(0) => break Ok(()),
                 Ok(n) => {
                     self.progress.fetch_add(n as u64, Ordering::Relaxed);
-                    let mut lines = String::new();
+                    // Sized up front: the queue counts bytes of text, so a String
+                    // must not hold twice that in capacity.
+                    let mut lines = String::with_capacity(n + decoder.partial().len() + 8);
                     if decoder.feed(&buf[..n], &mut lines) > 0 {
                         partial_deadline = None;
                         self.emit(lines, &mut state).await;
@@ -207,6 +209,53 @@ fn floor_char_boundary(text: &str, mut at: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use tokio::io::AsyncWriteExt;
+
+    /// Feeds `writes` to a reader as separate reads; returns the queued text.
+    async fn read_through(redactor: Redactor, max_line: usize, writes: &[&str]) -> String {
+        let buffer = Arc::new(Buffer::new(1 << 20, Duration::from_secs(1), 1));
+        let reader = Reader {
+            stream: Stream::Stdout,
+            redactor: Arc::new(redactor),
+            buffer: buffer.clone(),
+            max_line,
+            partial_after: Duration::from_secs(3600),
+            progress: Arc::new(AtomicU64::new(0)),
+        };
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(reader.run(rx));
+        for write in writes {
+            tx.write_all(write.as_bytes()).await.unwrap();
+            // Let the reader take this write alone.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(tx);
+        task.await.unwrap().unwrap();
+        let taken = buffer.take(usize::MAX);
+        taken.chunks.iter().map(|c| c.text.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_secret_across_a_forced_cut_is_still_redacted() {
+        let secret = "secret-spanning-the-cut";
+        let head = format!("{}{}", "a".repeat(250), &secret[..8]);
+        let tail = format!("{}{}\n", &secret[8..], "b".repeat(500));
+        let text = read_through(Redactor::new([secret]), 256, &[&head, &tail]).await;
+        assert!(
+            !text.contains(secret) && !text.contains(&secret[8..]),
+            "{text}"
+        );
+        assert!(text.contains(SPLIT_MARKER), "the line was cut");
+        let joined = text.replace(&format!("{SPLIT_MARKER}\n"), "");
+        let expected = format!(
+            "{}{}{}\n",
+            "a".repeat(250),
+            redact::REDACTED,
+            "b".repeat(500)
+        );
+        assert_eq!(joined, expected);
+    }
 
     #[test]
     fn splits_only_long_lines() {
