@@ -50,6 +50,8 @@ async fn bench(lines: u64) {
     let bin = env!("CARGO_BIN_EXE_eventgate");
     let count = lines.to_string();
     let started = Instant::now();
+    // Reaped by `wait4` below, which also reports its peak RSS.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(bin)
         .args([
             "run",

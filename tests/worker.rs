@@ -383,11 +383,11 @@ async fn a_postgresql_restart_during_a_run_loses_nothing() {
     .unwrap();
     let out = worker.wait_with_output().await.unwrap();
 
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("database unreachable"),
+        "the restart was felt: {stderr}"
     );
     assert_eq!(status(&url, job).await.as_deref(), Some("succeeded"));
     let events = events(&url, job).await;
