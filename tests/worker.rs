@@ -461,3 +461,43 @@ async fn an_outage_longer_than_the_buffer_drops_the_oldest_and_says_so() {
     assert_eq!(final_status(&events)["droppedLines"], dropped_lines);
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_gone_for_good_still_lets_the_worker_exit_with_the_code() {
+    let cluster = own_cluster();
+    let url = fresh_database_on(&cluster.url()).await;
+    let job = create_job(&url).await;
+    let gate = std::env::temp_dir().join(format!("eventgate-gate-{job}"));
+    let script = format!(
+        "echo ready; while [ ! -e '{gate}' ]; do sleep 0.05; done; echo lost; exit 5",
+        gate = gate.display()
+    );
+    let worker = worker(
+        &url,
+        job,
+        &["--drain-timeout", "1s"],
+        &["sh", "-c", &script],
+    )
+    .spawn()
+    .unwrap();
+
+    wait_for_line(&url, job, "ready").await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.stop().expect("stop");
+        cluster
+    })
+    .await
+    .unwrap();
+    std::fs::write(&gate, b"go").unwrap();
+    let out = worker.wait_with_output().await.unwrap();
+    std::fs::remove_file(&gate).unwrap();
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains("were not stored"),
+        "the loss is reported: {stderr}"
+    );
+    assert!(stderr.contains("could not record the status"), "{stderr}");
+    drop(cluster);
+}
