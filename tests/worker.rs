@@ -501,3 +501,24 @@ async fn a_database_gone_for_good_still_lets_the_worker_exit_with_the_code() {
     assert!(stderr.contains("could not record the status"), "{stderr}");
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unfinished_line_is_shown_early_and_joins_up() {
+    let url = fresh_database().await;
+    let job = create_job(&url).await;
+
+    let script = "printf 'Downloading the big thing'; sleep 1; echo ' done'";
+    let code = run_sh(&url, job, &["--partial-line-after", "100ms"], script).await;
+
+    assert_eq!(code, 0);
+    let events = events(&url, job).await;
+    assert_eq!(
+        lines(&events, "stdout"),
+        vec!["Downloading the big thing done"]
+    );
+    let early = events
+        .iter()
+        .find(|e| e.message.ends_with(SPLIT_MARKER))
+        .expect("a piece was stored before the line ended");
+    assert_eq!(early.message, format!("Downloading the {SPLIT_MARKER}"));
+}

@@ -74,7 +74,7 @@ pub const DEFAULT_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 /// oldest output is dropped (and reported).
 pub const DEFAULT_MAX_STALL: Duration = Duration::from_secs(10);
 /// An unfinished line (a prompt, a progress bar) is shown after this long.
-pub const DEFAULT_PARTIAL_LINE_AFTER: Duration = Duration::from_secs(1);
+pub const DEFAULT_PARTIAL_LINE_AFTER: Duration = Duration::from_secs(3);
 /// Time the command has after SIGTERM before SIGKILL, when the worker is stopped.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(10);
 /// After the command exits, how long its pipes may stay open and silent (held by a
@@ -158,7 +158,7 @@ pub struct Knobs {
     /// Longest wait for room in a full queue while the database is up [default: 10s].
     #[arg(long, env = "EVENTGATE_MAX_STALL", value_parser = parse_duration)]
     pub max_stall: Option<Duration>,
-    /// Show an unfinished line after this long [default: 1s].
+    /// Show an unfinished line after this long [default: 3s].
     #[arg(long, env = "EVENTGATE_PARTIAL_LINE_AFTER", value_parser = parse_duration)]
     pub partial_line_after: Option<Duration>,
     /// Time between SIGTERM and SIGKILL when stopped [default: 10s].
