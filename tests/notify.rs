@@ -203,3 +203,45 @@ async fn many_busy_jobs_share_a_global_notification_budget() {
         "{notes} notifications for 40 jobs written in {elapsed:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_notify_off_sends_no_notify_and_is_delivered_in_full() {
+    let url = database().await;
+    let gw = Gateway::start(&url).await;
+    let (_listener, mut rx) = listen(&url).await;
+    let job = uuid::Uuid::new_v4();
+    let db = eventgate::db::connect(&url).await.unwrap();
+    db.execute(
+        "INSERT INTO agent_jobs (id, name) VALUES ($1, 'bulk')",
+        &[&job],
+    )
+    .await
+    .unwrap();
+    let mut sse = Sse::job(gw.addr, job, None).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventgate"))
+        .args(["run", "--job", &job.to_string(), "--notify", "off", "--"])
+        .args(["sh", "-c", "seq 1 20000"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = sse.read_to_end().await;
+    let n = last_seq(&db, job).await;
+    assert_exact(&seqs(&got), 1, n);
+    assert_eq!(got.last().unwrap().event, "end");
+    let lines: usize = got
+        .iter()
+        .filter(|m| m.event == "queue_event" && m.json()["payload"]["kind"] == "log")
+        .map(|m| m.json()["message"].as_str().unwrap().lines().count())
+        .sum();
+    assert_eq!(lines, 20000, "every line delivered");
+    assert!(
+        drain(&mut rx).is_empty(),
+        "no NOTIFY from the worker's session"
+    );
+}

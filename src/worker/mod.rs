@@ -176,6 +176,10 @@ pub struct Knobs {
     /// Level of stderr events [default: info].
     #[arg(long, env = "EVENTGATE_STDERR_LEVEL", value_parser = parse_level)]
     pub stderr_level: Option<Level>,
+    /// NOTIFY per batch: `debounced` (the database's default), `off` for bulk
+    /// output (the gateway's counter poll delivers it) or `always`.
+    #[arg(long, env = "EVENTGATE_NOTIFY", value_parser = ["debounced", "off", "always"])]
+    pub notify: Option<String>,
 }
 
 impl RunArgs {
@@ -205,6 +209,7 @@ impl Knobs {
             drain_timeout: self.drain_timeout.unwrap_or(d.drain_timeout),
             startup_timeout: self.startup_timeout.unwrap_or(d.startup_timeout),
             stderr_level: self.stderr_level.unwrap_or(d.stderr_level),
+            notify: self.notify.clone().filter(|m| m != "debounced"),
         }
     }
 }
@@ -252,6 +257,9 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub startup_timeout: Duration,
     pub stderr_level: Level,
+    /// `eventgate.notify` for the worker's session (`off`, `always`); `None` keeps the
+    /// database's setting (debounced). See `sql/0002_debounced_notify.sql`.
+    pub notify: Option<String>,
 }
 
 impl Default for Settings {
@@ -270,6 +278,7 @@ impl Default for Settings {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             stderr_level: DEFAULT_STDERR_LEVEL,
+            notify: None,
         }
     }
 }
@@ -433,7 +442,15 @@ impl Worker {
             return Err(Error::config("no command to run"));
         };
         let settings = &self.settings;
-        let config = crate::db::config(&self.database_url)?;
+        let mut config = crate::db::config(&self.database_url)?;
+        if let Some(mode) = &settings.notify {
+            // A startup option of the session, kept across reconnects.
+            let options = format!(
+                "{} -c eventgate.notify={mode}",
+                config.get_options().unwrap_or_default()
+            );
+            config.options(options.trim());
+        }
         let redactor = Arc::new(self.redactor(&config));
         let buffer = Arc::new(buffer::Buffer::new(
             settings.buffer_bytes,
