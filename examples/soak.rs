@@ -250,16 +250,23 @@ async fn soak(args: Args) -> Result<bool, String> {
     let arrival = (duration / 6).min(Duration::from_secs(10));
     for i in 0..args.subscribers {
         let job = all_jobs[i % all_jobs.len()];
-        // Slow readers never leave on purpose: they fall behind and stay behind.
-        let slow = i % 10 == 5;
-        if slow && sql_jobs.contains(&job) {
+        // Every job gets a share of each kind: one in ten rounds of subscribers reads
+        // slowly, one in five never leaves on purpose (slow readers among them).
+        let round = i / all_jobs.len();
+        let slow = is_slow(i, all_jobs.len());
+        // Stall targets (about one in 17) stay connected, read at full speed once
+        // resumed, through a small buffer.
+        let stall_target = i % 17 == 7 && !slow && sql_jobs.contains(&job);
+        let steady = round % 5 == 1 || stall_target;
+        if stall_target {
             stall_targets.push((i, job));
         }
         let spec = Spec {
             index: Some(i),
             job,
             slow,
-            steady: i % 5 == 0, // includes every slow reader
+            small_buffer: stall_target,
+            steady,
             floor: 0,
             target: None,
             seed: rng.u64(..),
@@ -483,6 +490,11 @@ fn gateway_bin(explicit: Option<PathBuf>) -> Result<PathBuf, String> {
         return Err(format!("no gateway binary at {}", bin.display()));
     }
     Ok(bin)
+}
+
+/// Whether subscriber `i` of `jobs` jobs is a slow reader (one round in ten).
+fn is_slow(i: usize, jobs: usize) -> bool {
+    (i / jobs.max(1)) % 10 == 1
 }
 
 /// 1,000 clients at once plus the gateways' sockets need more than 1,024 descriptors.
@@ -803,7 +815,9 @@ impl Report {
             format!(
                 "{} ({} slow readers) + {} burst clients",
                 args.subscribers,
-                (0..args.subscribers).filter(|i| i % 10 == 5).count(),
+                (0..args.subscribers)
+                    .filter(|&i| is_slow(i, truth.len()))
+                    .count(),
                 burst_clients
             ),
         );

@@ -92,7 +92,7 @@ pub struct Context {
     pub injected: Mutex<BTreeMap<&'static str, u64>>,
     pub failed: Mutex<Vec<String>>,
     pub burst_clients: Mutex<Vec<JoinHandle<Outcome>>>,
-    pub floods: Mutex<Vec<JoinHandle<()>>>,
+    pub floods: Mutex<Vec<JoinHandle<u64>>>,
 }
 
 impl Context {
@@ -191,13 +191,20 @@ async fn inject(ctx: &Context, kind: Kind, nth: u64) -> Result<String, String> {
             }
             let (index, job) = ctx.stall_targets[nth as usize % ctx.stall_targets.len()];
             ctx.shared.stall(index, STALL);
-            let flood = tokio::spawn(writers::flood(
+            let flood = writers::flood(
                 ctx.url.clone(),
                 job,
                 STALL,
                 ctx.stats.clone(),
                 ctx.commits.clone(),
-            ));
+            );
+            let shared = ctx.shared.clone();
+            let flood = tokio::spawn(async move {
+                let n = flood.await;
+                let t = shared.start.elapsed().as_secs_f64();
+                eprintln!("[{t:6.1}s] subscriber_stall flood of job {job} ended: {n} statements");
+                n
+            });
             ctx.floods.lock().expect("lock").push(flood);
             Ok(format!(
                 "subscriber {index} stops reading for {}s while its job is flooded",
@@ -252,6 +259,7 @@ async fn burst(ctx: &Context, nth: u64) -> Result<String, String> {
             index: None,
             job,
             slow: false,
+            small_buffer: false,
             steady: true,
             floor,
             target: Some(head),

@@ -15,7 +15,8 @@ use tokio::net::{TcpSocket, TcpStream};
 /// How long a connect plus the response head may take.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Receive buffer of slow readers: small, so the gateway feels their back-pressure.
+/// A small receive buffer (slow readers, stall targets): the gateway feels their
+/// back-pressure instead of the kernel absorbing megabytes.
 const SMALL_RCVBUF: u32 = 4096;
 
 /// One SSE message (comments and `retry:` lines are skipped).
@@ -64,9 +65,11 @@ pub async fn open(
     addr: SocketAddr,
     path: &str,
     last_event_id: Option<i64>,
-    slow: bool,
+    small_buffer: bool,
+    read_size: usize,
 ) -> io::Result<Open> {
-    tokio::time::timeout(HEAD_TIMEOUT, open_inner(addr, path, last_event_id, slow))
+    let open = open_inner(addr, path, last_event_id, small_buffer, read_size);
+    tokio::time::timeout(HEAD_TIMEOUT, open)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no response head"))?
 }
@@ -75,10 +78,11 @@ async fn open_inner(
     addr: SocketAddr,
     path: &str,
     last_event_id: Option<i64>,
-    slow: bool,
+    small_buffer: bool,
+    read_size: usize,
 ) -> io::Result<Open> {
     let socket = TcpSocket::new_v4()?;
-    if slow {
+    if small_buffer {
         socket.set_recv_buffer_size(SMALL_RCVBUF)?;
     }
     let mut stream = socket.connect(addr).await?;
@@ -123,7 +127,7 @@ async fn open_inner(
         text: Vec::new(),
         chunked,
         chunk: Chunk::Size,
-        read_size: if slow { 2048 } else { 16 * 1024 },
+        read_size,
         eof: false,
     };
     body.decode();

@@ -70,6 +70,8 @@ pub struct Spec {
     pub job: Uuid,
     /// Reads through a small receive buffer with pauses.
     pub slow: bool,
+    /// Connects with a small receive buffer (stall targets, so a stall pushes back).
+    pub small_buffer: bool,
     /// Never drops its connection on purpose.
     pub steady: bool,
     /// Already has everything up to here (burst clients resume with Last-Event-ID).
@@ -197,7 +199,11 @@ impl Client {
             }
             let addr = self.shared.replicas[pick];
             self.shared.connections.fetch_add(1, Ordering::Relaxed);
-            match sse::open(addr, &path, self.tracker.last_id, self.spec.slow).await {
+            let (small, read_size) = match (self.spec.slow, self.spec.small_buffer) {
+                (true, _) => (true, 2048),
+                (false, small) => (small, 16 * 1024),
+            };
+            match sse::open(addr, &path, self.tracker.last_id, small, read_size).await {
                 Err(_) => {
                     self.shared.connect_errors.fetch_add(1, Ordering::Relaxed);
                     avoid = Some(pick);

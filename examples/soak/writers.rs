@@ -59,6 +59,9 @@ impl Commits {
     }
 }
 
+/// Padding of each flood row, in bytes.
+const FLOOD_PAD: usize = 3_000;
+
 /// Counters the writers share with the report.
 #[derive(Default)]
 pub struct Stats {
@@ -217,8 +220,10 @@ pub async fn flood(
     how_long: Duration,
     stats: Arc<Stats>,
     commits: Arc<Commits>,
-) {
+) -> u64 {
+    let mut written = 0;
     let deadline = tokio::time::Instant::now() + how_long;
+    let fill_until = tokio::time::Instant::now() + how_long.mul_f64(0.4);
     let writer = Writer {
         index: 99,
         slow: false,
@@ -243,16 +248,25 @@ pub async fn flood(
                 }
             },
         };
-        let texts = messages(&writer, "t", 5, &mut counter);
+        // First big rows: megabytes, past every socket and hyper buffer; then many
+        // small statements: more batches than the job's broadcast channel holds.
+        let big = tokio::time::Instant::now() < fill_until;
+        let pad = if big { "x".repeat(FLOOD_PAD) } else { String::new() };
+        let texts: Vec<String> = messages(&writer, "t", if big { 5 } else { 1 }, &mut counter)
+            .into_iter()
+            .map(|m| format!("{m} {pad}"))
+            .collect();
         match c.query(INSERT_ONE_JOB, &[&job, &texts]).await {
             Ok(rows) => {
                 commits.set(&rows, now_us());
+                written += 1;
                 stats.statements.fetch_add(1, Ordering::Relaxed)
             }
             Err(_) => stats.errors.fetch_add(1, Ordering::Relaxed),
         };
-        tokio::time::sleep(Duration::from_millis(4)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    written
 }
 
 /// Whether this gateway binary has the worker: `run --help` succeeds and offers
