@@ -64,7 +64,12 @@ async fn write_jobs(url: String, mut stop_rx: watch::Receiver<bool>) {
     loop {
         while tasks.len() < CONCURRENT_JOBS {
             number += 1;
-            tasks.spawn(demo_job(url.clone(), number, stop_rx.clone()));
+            if number % 2 == 0 {
+                // A real command through the worker, like `eventgate run -- sh -c ...`.
+                tasks.spawn(command_job(url.clone(), stop_rx.clone()));
+            } else {
+                tasks.spawn(demo_job(url.clone(), number, stop_rx.clone()));
+            }
             // Stagger them so they are at different stages.
             tokio::time::sleep(Duration::from_millis(700)).await;
         }
@@ -79,6 +84,43 @@ async fn write_jobs(url: String, mut stop_rx: watch::Receiver<bool>) {
         }
     }
     tasks.shutdown().await;
+}
+
+/// A shell script run by the worker: output, a progress bar drawn with `\r`, a
+/// warning on stderr, colours, and an exit code.
+const DEMO_SCRIPT: &str = r#"
+printf '\033[1;34m==> fetching dependencies\033[0m\n'
+for i in $(seq 1 12); do echo "  fetched crate-$i v0.$i.0"; sleep 0.2; done
+printf '\033[1;34m==> compiling\033[0m\n'
+for p in 10 20 30 40 50 60 70 80 90 100; do printf '\r  progress %3d%%' "$p"; sleep 0.15; done
+printf '\n'
+echo "warning: field \`token\` is never read" >&2
+for i in $(seq 1 20); do echo "  compiling module_$i.rs"; sleep 0.1; done
+printf '\033[32m    Finished\033[0m release profile in 4.2s\n'
+exit $(( $(date +%s) % 3 == 0 ))
+"#;
+
+async fn command_job(url: String, mut stop_rx: watch::Receiver<bool>) -> Result<(), Error> {
+    let client = crate::db::connect(&url).await?;
+    let job = store::create_job(
+        &client,
+        None,
+        "demo release (a real command)",
+        "queued",
+        &json!({"demo": true}),
+    )
+    .await?;
+    drop(client);
+    let worker = crate::worker::Worker::builder(url, job.id)
+        .stage("build")
+        .build();
+    let command = ["sh".to_string(), "-c".to_string(), DEMO_SCRIPT.to_string()];
+    worker
+        .run_until(&command, async move {
+            let _ = stop_rx.changed().await;
+        })
+        .await?;
+    Ok(())
 }
 
 /// One simulated CI run: stages of coloured output, warnings on stderr, a final status.

@@ -74,27 +74,26 @@ impl End {
 #[derive(Debug)]
 pub struct Batch {
     bytes: Bytes,
-    first_seq: i64,
-    /// Start offset of each frame in `bytes`, indexed by `seq - first_seq`.
-    starts: Vec<u32>,
+    /// `(seq, start offset in bytes)` of each frame, ascending. Seqs are consecutive
+    /// except where events were deleted (retention), so lookups search.
+    frames: Vec<(i64, u32)>,
     /// Set when the batch ends with the job's final status event.
     end: Option<End>,
 }
 
 impl Batch {
-    /// Encodes events with consecutive seqs. `finished` says the read that produced them
-    /// reached the end of the table, so a trailing terminal status event ends the job.
+    /// Encodes events read with `ORDER BY seq`. `finished` says the read that produced
+    /// them reached the end of the table, so a trailing terminal status event ends the
+    /// job.
     ///
     /// # Panics
-    /// If `events` is empty or its seqs are not consecutive (the caller reads them with
-    /// `ORDER BY seq` from a gap-free sequence).
+    /// If `events` is empty.
     pub fn encode(events: &[Event], finished: bool) -> Batch {
-        let first_seq = events.first().expect("a batch is never empty").seq;
+        assert!(!events.is_empty(), "a batch is never empty");
         let mut buf = BytesMut::with_capacity(events.len() * 256);
-        let mut starts = Vec::with_capacity(events.len());
-        for (i, event) in events.iter().enumerate() {
-            assert_eq!(event.seq, first_seq + i as i64, "seqs must be consecutive");
-            starts.push(buf.len() as u32);
+        let mut frames = Vec::with_capacity(events.len());
+        for event in events {
+            frames.push((event.seq, buf.len() as u32));
             write_event(&mut buf, event);
         }
         let end = match events.last().and_then(|e| e.status().map(|s| (e.seq, s))) {
@@ -106,18 +105,17 @@ impl Batch {
         };
         Batch {
             bytes: buf.freeze(),
-            first_seq,
-            starts,
+            frames,
             end,
         }
     }
 
     pub fn first_seq(&self) -> i64 {
-        self.first_seq
+        self.frames[0].0
     }
 
     pub fn last_seq(&self) -> i64 {
-        self.first_seq + self.starts.len() as i64 - 1
+        self.frames[self.frames.len() - 1].0
     }
 
     /// The job's end, when this batch carries its final status event.
@@ -132,7 +130,7 @@ impl Batch {
 
     /// Number of events.
     pub fn len_events(&self) -> usize {
-        self.starts.len()
+        self.frames.len()
     }
 
     /// The frames of events with seq > `after`, sharing this batch's buffer.
@@ -140,11 +138,12 @@ impl Batch {
         if after >= self.last_seq() {
             return None;
         }
-        if after < self.first_seq {
+        if after < self.first_seq() {
             return Some(self.bytes.clone());
         }
-        let start = self.starts[(after + 1 - self.first_seq) as usize] as usize;
-        Some(self.bytes.slice(start..))
+        // The first frame with seq > after.
+        let i = self.frames.partition_point(|&(seq, _)| seq <= after);
+        Some(self.bytes.slice(self.frames[i].1 as usize..))
     }
 }
 
@@ -214,6 +213,14 @@ mod tests {
         assert!(all.len() > rest.len());
         assert!(batch.after(5).is_none());
         assert_eq!(batch.last_seq(), 5);
+    }
+
+    #[test]
+    fn gaps_left_by_retention_are_tolerated() {
+        let batch = Batch::encode(&[event(3, "a", "{}"), event(7, "b", "{}")], false);
+        let rest = String::from_utf8(batch.after(4).unwrap().to_vec()).unwrap();
+        assert!(rest.starts_with("id: 7\n"));
+        assert_eq!((batch.first_seq(), batch.last_seq()), (3, 7));
     }
 
     #[test]

@@ -32,6 +32,16 @@ const FILES: &[(&str, &str, &str)] = &[
         "text/javascript; charset=utf-8",
         include_str!("../web/static/job.js"),
     ),
+    (
+        "static/common.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../web/static/common.js"),
+    ),
+    (
+        "static/ansi.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../web/static/ansi.js"),
+    ),
 ];
 
 /// Serves `/` (the job list), `/jobs/{id}` (one job) and `/static/*`.

@@ -172,3 +172,35 @@ async fn plain_writers_still_wake_an_idle_gateway_at_once_and_always_means_alway
         (9..=11).map(|s| format!("{job}:{s}")).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_busy_jobs_share_a_global_notification_budget() {
+    let url = database().await;
+    let gw = Gateway::start(&url).await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let mut jobs = Vec::new();
+    for _ in 0..40 {
+        jobs.push(create_job(&db).await);
+    }
+    let (_listener, mut rx) = listen(&url).await;
+    let mut streams =
+        futures::future::join_all(jobs.iter().map(|j| Sse::job(gw.addr, *j, None))).await;
+
+    // Each job's first statement: per job, every one is due; globally, at most one per
+    // 10 ms may notify.
+    let started = std::time::Instant::now();
+    for job in &jobs {
+        insert(&db, *job, 1, "first").await;
+    }
+    let elapsed = started.elapsed();
+    for sse in streams.iter_mut() {
+        assert_exact(&seqs(&sse.until_seq(1).await), 1, 1);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let notes = drain(&mut rx).len();
+    let bound = 1 + elapsed.as_millis() as usize / 10 + 1;
+    assert!(
+        notes >= 1 && notes <= bound,
+        "{notes} notifications for 40 jobs written in {elapsed:?}"
+    );
+}

@@ -513,3 +513,91 @@ fn sigterm_drains_open_streams_within_the_deadline() {
     let status = child.wait().unwrap();
     assert!(status.success(), "clean exit after drain: {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_deletes_only_old_finished_jobs_events_in_batches() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let old = create_job(&db).await;
+    let recent = create_job(&db).await;
+    let running = create_job(&db).await;
+    for job in [old, recent, running] {
+        insert(&db, job, 1200, "line").await;
+    }
+    set_status(&db, old, "succeeded").await;
+    set_status(&db, recent, "failed").await;
+    db.execute(
+        "UPDATE agent_jobs SET finished_at = now() - interval '40 days' WHERE id = $1",
+        &[&old],
+    )
+    .await
+    .unwrap();
+    let deleted = eventgate::prune::run(&url, Duration::from_secs(30 * 86400), 500)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1201, "the old job's events, status event included");
+    let count = |job| {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT count(*) FROM agent_job_events WHERE job_id = $1",
+                &[&job],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(count(old).await, 0);
+    assert_eq!(count(recent).await, 1201);
+    assert_eq!(count(running).await, 1200);
+}
+
+#[test]
+fn the_token_command_mints_what_the_gateway_accepts() {
+    let job = uuid::Uuid::new_v4();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_eventgate"))
+        .args([
+            "token",
+            "--scope",
+            "read",
+            "--job",
+            &job.to_string(),
+            "--ttl",
+            "1h",
+        ])
+        .env("EVENTGATE_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let auth = Auth::hs256(SECRET.as_bytes());
+    let req = hyper::Request::get("/")
+        .header("authorization", format!("Bearer {token}"))
+        .body(())
+        .unwrap();
+    let grant = auth
+        .check(&req, eventgate::auth::Scope::Read, Some(job))
+        .expect("accepted");
+    let left = grant
+        .expires_at()
+        .unwrap()
+        .duration_since(SystemTime::now())
+        .unwrap();
+    assert!(left > Duration::from_secs(3500) && left <= Duration::from_secs(3600));
+    assert!(auth
+        .check(&req, eventgate::auth::Scope::Write, Some(job))
+        .is_err());
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_eventgate"))
+        .args(["token", "--scope", "admin", "--job", "*"])
+        .env("EVENTGATE_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown scope"));
+}

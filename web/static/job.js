@@ -1,5 +1,794 @@
-const id = location.pathname.split('/').pop();
-const out = document.getElementById('output');
-const es = new EventSource('/api/queue/jobs/' + id + '/events/stream');
-es.addEventListener('queue_event', (e) => { out.textContent += JSON.parse(e.data).message + '\n'; });
-es.addEventListener('end', () => es.close());
+// One job: status, timings and the Live Output panel.
+//
+// Data: the tail page first (the latest lines), older pages on scroll up, then live
+// events from the SSE stream (or from polling when SSE keeps failing). Every event is
+// accepted once, by seq, whichever way it came.
+//
+// Rendering: `lines` holds every loaded line; `view` the ones passing the filters; the
+// DOM holds only the window view[winStart, winEnd) of at most MAX_ROWS rows, which
+// slides as the user scrolls, so a 200,000-line log costs a few thousand nodes.
+// Variable row heights (wrap) are fine because the window slides by measured height.
+
+import { TERMINAL, setupTheme, statusBadge, formatTime, formatClock, formatDuration, jobDuration, getJson } from './common.js';
+import { collapseCarriageReturns, stripAnsi, parseAnsi, appendRun, sgrCarry } from './ansi.js';
+
+/** Most rows kept in the DOM. */
+const MAX_ROWS = 3000;
+/** Rows added or dropped per slide of the window. */
+const CHUNK = 500;
+/** Events per page request (the gateway's largest page). */
+const PAGE = 1000;
+/** Distance from an edge of the viewport, in px, at which the window slides. */
+const EDGE_PX = 400;
+/** Consecutive SSE failures before falling back to polling. */
+const FAILS_BEFORE_POLLING = 3;
+/** Time between two polls. */
+const POLL_MS = 2000;
+/** While polling, try SSE again every this many polls. */
+const PROBE_EVERY = 3;
+/** A seq above any real one: `beforeSeq` of the tail page. */
+const END_SEQ = Number.MAX_SAFE_INTEGER;
+
+const jobId = decodeURIComponent(location.pathname.split('/')[2] || '');
+const api = '/api/queue/jobs/' + encodeURIComponent(jobId);
+const $ = (id) => document.getElementById(id);
+const vp = $('viewport');
+const out = $('output');
+
+// ---- model ----------------------------------------------------------------------
+
+/** Every loaded line, ascending: `{e: event meta, t: text, s: first line of a stage}`. */
+let lines = [];
+/** Lowest and highest seq loaded. */
+let firstSeq = 0;
+let lastSeq = 0;
+/** Whether everything before `firstSeq` is loaded. */
+let olderDone = false;
+let loadingOlder = false;
+/** Events received but not yet rendered (rendered together in the next frame). */
+let pending = [];
+let frameQueued = false;
+
+let job = null;
+let ended = false;
+
+const filter = { kind: 'all', stdout: true, stderr: true, needle: '' };
+let view = [];
+let winStart = 0;
+let winEnd = 0;
+let follow = true;
+let userPaused = false;
+/** scrollTop after our last own change: a smaller one later means the user went up. */
+let lastTop = 0;
+
+function eventKind(ev) {
+  const p = ev.payload;
+  if (p && typeof p === 'object' && typeof p.kind === 'string') return p.kind;
+  return 'log';
+}
+
+/**
+ * Splits events into lines. `prevStage` is the stage of the event before the first:
+ * null when there is none (the log's start), undefined when it is not loaded yet.
+ */
+function linesOf(events, prevStage) {
+  const result = [];
+  for (const ev of events) {
+    const p = ev.payload && typeof ev.payload === 'object' ? ev.payload : {};
+    const kind = eventKind(ev);
+    const meta = {
+      seq: ev.seq,
+      level: ev.level,
+      kind,
+      stream: kind === 'log' ? p.stream : undefined,
+      stage: typeof p.stage === 'string' ? p.stage : undefined,
+      status: kind === 'status' ? p.status : undefined,
+      at: ev.createdAt,
+    };
+    let stageStart = kind === 'stage' || kind === 'status';
+    if (kind === 'log' && meta.stage !== undefined) {
+      stageStart = prevStage !== undefined && meta.stage !== prevStage;
+      prevStage = meta.stage;
+    }
+    const parts = String(ev.message ?? '').split('\n');
+    if (parts.length > 1 && parts[parts.length - 1] === '') parts.pop();
+    // Colours set on one line of a coalesced message stay on for the next, as in a terminal.
+    let carry = '';
+    parts.forEach((text, i) => {
+      const line = collapseCarriageReturns(text);
+      result.push({ e: meta, t: carry + line, s: stageStart && i === 0 });
+      if (i < parts.length - 1) carry = sgrCarry(line, carry);
+    });
+  }
+  return result;
+}
+
+/** Plain lowercase text of a line, computed once when first searched. */
+function lower(line) {
+  if (line.l === undefined) line.l = stripAnsi(line.t).toLowerCase();
+  return line.l;
+}
+
+function matches(line) {
+  const m = line.e;
+  if (filter.kind === 'stages' && !line.s) return false;
+  if (filter.kind === 'logs' && m.kind !== 'log') return false;
+  if (filter.kind === 'problems' && m.level !== 'warn' && m.level !== 'error') return false;
+  if (m.stream === 'stdout' && !filter.stdout) return false;
+  if (m.stream === 'stderr' && !filter.stderr) return false;
+  if (filter.needle && !lower(line).includes(filter.needle)) return false;
+  return true;
+}
+
+// ---- rendering ------------------------------------------------------------------
+
+function rowOf(line) {
+  const m = line.e;
+  const row = document.createElement('div');
+  let cls = 'row level-' + m.level;
+  if (m.stream) cls += ' stream-' + m.stream;
+  if (m.kind !== 'log') cls += ' kind-' + m.kind;
+  if (line.s) cls += ' stage-start';
+  row.className = cls;
+  row.dataset.seq = m.seq;
+  row.dataset.ts = formatClock(m.at);
+  for (const [text, state] of parseAnsi(line.t)) appendRun(row, text, state, filter.needle);
+  // textContent of the output reads as lines; the newline itself is not displayed.
+  const nl = document.createElement('span');
+  nl.className = 'nl';
+  nl.textContent = '\n';
+  row.appendChild(nl);
+  return row;
+}
+
+function rowsFor(from, to) {
+  const frag = document.createDocumentFragment();
+  for (let i = from; i < to; i++) frag.appendChild(rowOf(view[i]));
+  return frag;
+}
+
+function atBottom() {
+  return vp.scrollHeight - vp.scrollTop - vp.clientHeight <= 2;
+}
+
+function scrollToBottom() {
+  vp.scrollTop = vp.scrollHeight;
+  lastTop = vp.scrollTop;
+}
+
+/** Shows the last rows of the view and scrolls to them. */
+function resetWindowToEnd() {
+  winEnd = view.length;
+  winStart = Math.max(0, winEnd - 2 * CHUNK);
+  out.replaceChildren(rowsFor(winStart, winEnd));
+  $('empty').hidden = view.length > 0;
+  updateOlder();
+  scrollToBottom();
+}
+
+function trimTop() {
+  const excess = winEnd - winStart - MAX_ROWS;
+  if (excess <= 0) return;
+  const before = vp.scrollHeight;
+  for (let i = 0; i < excess; i++) out.firstChild.remove();
+  winStart += excess;
+  vp.scrollTop -= before - vp.scrollHeight;
+  lastTop = vp.scrollTop;
+}
+
+function trimBottom() {
+  const excess = winEnd - winStart - MAX_ROWS;
+  if (excess <= 0) return;
+  for (let i = 0; i < excess; i++) out.lastChild.remove();
+  winEnd -= excess;
+}
+
+/** Slides the window up (older rows), loading an older page when all are shown. */
+function extendUp() {
+  if (winStart > 0) {
+    const from = Math.max(0, winStart - CHUNK);
+    const before = vp.scrollHeight;
+    out.insertBefore(rowsFor(from, winStart), out.firstChild);
+    winStart = from;
+    vp.scrollTop += vp.scrollHeight - before;
+    lastTop = vp.scrollTop;
+    trimBottom();
+    updateOlder();
+  } else if (!olderDone) {
+    loadOlder();
+  }
+}
+
+/** Slides the window down (newer rows). */
+function extendDown() {
+  if (winEnd >= view.length) return;
+  const to = Math.min(view.length, winEnd + CHUNK);
+  out.appendChild(rowsFor(winEnd, to));
+  winEnd = to;
+  trimTop();
+}
+
+/** Adds new lines (live) to the model, the view and, if in the window, the DOM. */
+function appendLines(newLines) {
+  for (const line of newLines) lines.push(line);
+  const oldLength = view.length;
+  for (const line of newLines) if (matches(line)) view.push(line);
+  const added = view.length - oldLength;
+  if (added === 0) return;
+  $('empty').hidden = true;
+  if (follow) {
+    if (winEnd !== oldLength || added > MAX_ROWS) {
+      resetWindowToEnd();
+      return;
+    }
+    out.appendChild(rowsFor(winEnd, view.length));
+    winEnd = view.length;
+    trimTop();
+    scrollToBottom();
+  } else {
+    if (winEnd === oldLength && winEnd - winStart < MAX_ROWS) {
+      const to = Math.min(view.length, winStart + MAX_ROWS);
+      out.appendChild(rowsFor(winEnd, to));
+      winEnd = to;
+    }
+    updateJump();
+  }
+}
+
+/** Adds an older page in front of everything loaded. */
+function prependLines(older) {
+  if (!older.length) return;
+  // The first loaded line may turn out to start a stage now that its predecessor is known.
+  const first = lines[0];
+  const lastOlder = older[older.length - 1];
+  if (first && first.e.kind === 'log' && first.e.stage !== undefined && lastOlder.e.stage !== undefined) {
+    first.s = first.e.stage !== lastOlder.e.stage;
+  }
+  lines = older.concat(lines);
+  const olderView = older.filter(matches);
+  view = olderView.concat(view);
+  winStart += olderView.length;
+  winEnd += olderView.length;
+}
+
+/** Rebuilds the view after a filter change and shows its end. */
+function refilter() {
+  view = lines.filter(matches);
+  if (!userPaused) follow = true;
+  resetWindowToEnd();
+  updateFollow();
+  $('matches').textContent = filter.needle ? `${view.length} matching line${view.length === 1 ? '' : 's'}` : '';
+  queueMicrotask(fill);
+}
+
+/** Loads older rows while the viewport is not filled (nothing to scroll yet). */
+function fill() {
+  if (vp.scrollTop < EDGE_PX) extendUp();
+}
+
+function updateOlder() {
+  const el = $('older');
+  if (loadingOlder) el.textContent = 'Loading older lines…';
+  else if (winStart > 0 || !olderDone) el.textContent = '↑ Scroll up for older lines';
+  else el.textContent = lines.length ? 'Beginning of the log' : '';
+}
+
+function updateJump() {
+  const jump = $('jump');
+  jump.hidden = follow;
+  const unseen = view.length - winEnd;
+  jump.textContent = unseen > 0 ? `Jump to latest ↓ (${unseen} more)` : 'Jump to latest ↓';
+}
+
+function updateFollow() {
+  const button = $('follow');
+  button.textContent = follow ? 'Pause' : 'Follow';
+  button.setAttribute('aria-pressed', String(follow));
+  button.title = follow ? 'Stop scrolling to new lines' : 'Scroll to new lines as they arrive';
+  updateJump();
+}
+
+function jumpToLatest() {
+  userPaused = false;
+  follow = true;
+  if (winEnd === view.length) scrollToBottom();
+  else resetWindowToEnd();
+  updateFollow();
+}
+
+vp.addEventListener(
+  'scroll',
+  () => {
+    const top = vp.scrollTop;
+    const windowAtEnd = winEnd === view.length;
+    if (atBottom() && windowAtEnd) {
+      if (!follow && !userPaused) {
+        follow = true;
+        updateFollow();
+      }
+    } else if (top < lastTop - 1 && follow) {
+      follow = false; // the user scrolled up
+      updateFollow();
+    }
+    lastTop = top;
+    if (top < EDGE_PX) extendUp();
+    if (vp.scrollHeight - top - vp.clientHeight < EDGE_PX) extendDown();
+  },
+  { passive: true },
+);
+
+new ResizeObserver(() => {
+  if (follow) scrollToBottom();
+}).observe(vp);
+
+// ---- receiving events -----------------------------------------------------------
+
+/** Accepts an event once (by seq) and renders it with the others of this frame. */
+function receive(ev) {
+  if (typeof ev.seq !== 'number' || ev.seq <= lastSeq) return;
+  lastSeq = ev.seq;
+  if (!firstSeq) firstSeq = ev.seq;
+  pending.push(ev);
+  if (!frameQueued) {
+    frameQueued = true;
+    requestAnimationFrame(flush);
+  }
+}
+
+/** The stage of the last loaded line (see linesOf). */
+let prevStage = null;
+
+function flush() {
+  frameQueued = false;
+  const events = pending;
+  pending = [];
+  if (!events.length) return;
+  const newLines = linesOf(events, prevStage);
+  for (const ev of events) {
+    const stage = ev.payload && ev.payload.kind === 'log' ? ev.payload.stage : undefined;
+    if (typeof stage === 'string') prevStage = stage;
+  }
+  appendLines(newLines);
+  $('t-events').textContent = String(lastSeq);
+  const status = [...events].reverse().find((ev) => eventKind(ev) === 'status');
+  if (status && status.payload.status) {
+    setStatus(status.payload.status);
+    // Timings change with the status; the terminal one is read once by finish().
+    if (!TERMINAL.has(status.payload.status)) refreshJob().catch(() => {});
+  }
+}
+
+// ---- older pages ----------------------------------------------------------------
+
+async function loadOlder() {
+  if (loadingOlder || olderDone) return;
+  loadingOlder = true;
+  updateOlder();
+  try {
+    const page = await getJson(`${api}/events?beforeSeq=${firstSeq}&limit=${PAGE}`);
+    const events = page.items.filter((ev) => ev.seq < firstSeq);
+    if (!events.length || events[0].seq <= 1 || page.items.length < PAGE) olderDone = true;
+    if (events.length) {
+      firstSeq = events[0].seq;
+      prependLines(linesOf(events, olderDone ? null : undefined));
+    }
+  } catch {
+    $('older').textContent = 'Could not load older lines; scroll up to retry';
+    loadingOlder = false;
+    return;
+  }
+  loadingOlder = false;
+  updateOlder();
+  if (vp.scrollTop < EDGE_PX) extendUp();
+}
+
+// ---- connection: SSE, falling back to polling, back to SSE ------------------------
+
+let es = null;
+let mode = 'sse'; // or 'polling'
+let failures = 0;
+let pollTimer = null;
+let polls = 0;
+let retryTimer = null;
+
+function setConn(state, detail) {
+  const el = $('conn');
+  el.dataset.state = state;
+  el.textContent = state;
+  el.title = detail || 'Connection to the live stream: ' + state;
+}
+
+function closeSse() {
+  if (es) es.close();
+  es = null;
+}
+
+function connectSse() {
+  clearTimeout(retryTimer);
+  closeSse();
+  if (ended) return;
+  // On its own reconnects EventSource sends Last-Event-ID; a new one starts after the
+  // last line we have.
+  const source = new EventSource(`${api}/events/stream?afterSeq=${lastSeq}`);
+  es = source;
+  if (mode !== 'polling') setConn(failures ? 'reconnecting' : 'connecting');
+  source.addEventListener('open', () => {
+    if (es !== source) return;
+    failures = 0;
+    stopPolling();
+    setConn('live');
+  });
+  source.addEventListener('queue_event', (e) => {
+    if (es !== source) return;
+    try {
+      receive(JSON.parse(e.data));
+    } catch {
+      // a malformed frame is skipped; the seq check catches any gap on resume
+    }
+  });
+  source.addEventListener('end', (e) => {
+    if (es !== source) return;
+    closeSse();
+    let status;
+    try {
+      status = JSON.parse(e.data).status;
+    } catch {
+      status = undefined;
+    }
+    finish(status);
+  });
+  source.addEventListener('error', () => onSseError(source));
+}
+
+function onSseError(source) {
+  if (es !== source || ended) return;
+  if (mode === 'polling') {
+    closeSse(); // a failed probe: keep polling
+    return;
+  }
+  failures++;
+  if (source.readyState === EventSource.CLOSED) {
+    // A 204 (the job is finished and we have it all) or a non-200 answer (a deploy):
+    // the browser gave up; ask the job which one it was.
+    closeSse();
+    afterClosed();
+  } else if (failures >= FAILS_BEFORE_POLLING) {
+    closeSse();
+    startPolling();
+  } else {
+    setConn('reconnecting'); // EventSource retries by itself, with Last-Event-ID
+  }
+}
+
+async function afterClosed() {
+  try {
+    const current = await getJson(api);
+    showJob(current);
+    if (TERMINAL.has(current.status)) {
+      mode = 'polling'; // reuse the page reader to pick up anything left
+      setConn('polling');
+      await pollOnce();
+      return;
+    }
+  } catch (e) {
+    if (e.status === 404) {
+      gone();
+      return;
+    }
+    // otherwise the gateway is down: count it as one more failure
+  }
+  if (ended) return;
+  if (failures >= FAILS_BEFORE_POLLING) startPolling();
+  else {
+    setConn('reconnecting');
+    retryTimer = setTimeout(connectSse, 500 * 2 ** failures);
+  }
+}
+
+function startPolling() {
+  if (ended) return;
+  mode = 'polling';
+  polls = 0;
+  setConn('polling');
+  clearTimeout(pollTimer);
+  pollTimer = setTimeout(pollOnce, 0);
+}
+
+function stopPolling() {
+  mode = 'sse';
+  clearTimeout(pollTimer);
+  pollTimer = null;
+}
+
+/** Reads the next pages; finishes when the job is terminal and nothing is left. */
+async function pollOnce() {
+  pollTimer = null;
+  if (ended || mode !== 'polling') return;
+  let delay = POLL_MS;
+  try {
+    const page = await getJson(`${api}/events?afterSeq=${lastSeq}&limit=${PAGE}`);
+    if (mode !== 'polling' || ended) return;
+    for (const ev of page.items) receive(ev);
+    // The status event commits with the status, so a terminal status read before these
+    // events means the page reached the end.
+    if (TERMINAL.has(page.jobStatus) && page.items.length < PAGE) {
+      await finish(page.jobStatus);
+      return;
+    }
+    if (page.items.length === PAGE) delay = 0;
+  } catch (e) {
+    if (e.status === 404) {
+      gone();
+      return;
+    }
+    delay = POLL_MS * 2;
+  }
+  polls++;
+  if (polls % PROBE_EVERY === 0 && !es) connectSse(); // back to SSE when it works
+  if (mode === 'polling' && !ended) pollTimer = setTimeout(pollOnce, delay);
+}
+
+/** The job is over: stop every connection and timer, show the final status. */
+async function finish(status) {
+  if (ended) return;
+  ended = true;
+  closeSse();
+  stopPolling();
+  clearTimeout(retryTimer);
+  if (pending.length) flush();
+  try {
+    showJob(await getJson(api));
+  } catch {
+    if (status) setStatus(status);
+  }
+  clearInterval(ticker);
+  setConn('ended', 'The job is finished; the output is complete');
+}
+
+/** The job was deleted while shown: keep the output, stop asking. */
+function gone() {
+  ended = true;
+  closeSse();
+  stopPolling();
+  clearTimeout(retryTimer);
+  clearInterval(ticker);
+  statusBadge($('status'), 'deleted');
+  setConn('ended', 'The job no longer exists');
+}
+
+// ---- the job header ---------------------------------------------------------------
+
+function setStatus(status) {
+  statusBadge($('status'), status);
+  if (job) job.status = status;
+}
+
+function showJob(j) {
+  job = j;
+  const name = j.name || j.id;
+  $('title').textContent = name;
+  document.title = `${name} · eventgate`;
+  setStatus(j.status);
+  $('t-created').textContent = formatTime(j.createdAt);
+  $('t-started').textContent = formatTime(j.startedAt);
+  $('t-finished').textContent = formatTime(j.finishedAt);
+  $('t-events').textContent = String(Math.max(j.lastSeq || 0, lastSeq));
+  tick();
+}
+
+function tick() {
+  const ms = jobDuration(job);
+  $('t-duration').textContent = ms === null ? '—' : formatDuration(ms);
+}
+
+const ticker = setInterval(tick, 1000);
+
+async function refreshJob() {
+  showJob(await getJson(api));
+}
+
+// ---- toolbar ------------------------------------------------------------------------
+
+function toast(text) {
+  const el = $('toast');
+  el.textContent = text;
+  el.classList.add('shown');
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => el.classList.remove('shown'), 4000);
+}
+
+function lineText(line, withTime) {
+  const text = stripAnsi(line.t);
+  return withTime ? `${formatClock(line.e.at)} ${text}` : text;
+}
+
+function fallbackCopy(text) {
+  const area = document.createElement('textarea');
+  area.value = text;
+  area.setAttribute('readonly', '');
+  area.className = 'offscreen';
+  area.dataset.testid = 'copy-fallback';
+  document.body.appendChild(area);
+  area.select();
+  let ok = false;
+  try {
+    ok = document.execCommand('copy');
+  } catch {
+    ok = false;
+  }
+  area.remove();
+  return ok;
+}
+
+async function copyVisible() {
+  const withTime = $('o-ts').checked;
+  const text = view.map((line) => lineText(line, withTime)).join('\n');
+  let ok = false;
+  try {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(text);
+      ok = true;
+    }
+  } catch {
+    ok = false;
+  }
+  if (!ok) ok = fallbackCopy(text);
+  toast(ok ? `Copied ${view.length} line${view.length === 1 ? '' : 's'}` : 'Copy failed: select the text and copy it by hand');
+}
+
+async function downloadAll() {
+  const button = $('download');
+  button.disabled = true;
+  toast('Preparing the full log…');
+  try {
+    const parts = [];
+    let after = 0;
+    // Bounded: each page moves the cursor forward, at most this many pages.
+    for (let pages = 0; pages < 1_000_000; pages++) {
+      const page = await getJson(`${api}/events?afterSeq=${after}&limit=${PAGE}`);
+      for (const line of linesOf(page.items, null)) parts.push(stripAnsi(line.t));
+      if (page.items.length < PAGE) break;
+      after = page.items[page.items.length - 1].seq;
+    }
+    const blob = new Blob([parts.join('\n') + '\n'], { type: 'text/plain;charset=utf-8' });
+    const url = URL.createObjectURL(blob);
+    const a = document.createElement('a');
+    a.href = url;
+    a.download = `job-${jobId}.log`;
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    toast(`Downloaded ${parts.length} line${parts.length === 1 ? '' : 's'}`);
+  } catch (e) {
+    toast('Download failed: ' + e.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+for (const button of document.querySelectorAll('[data-filter]')) {
+  button.addEventListener('click', () => {
+    filter.kind = button.dataset.filter;
+    for (const b of document.querySelectorAll('[data-filter]')) b.setAttribute('aria-pressed', String(b === button));
+    refilter();
+  });
+}
+$('f-stdout').addEventListener('change', (e) => {
+  filter.stdout = e.target.checked;
+  refilter();
+});
+$('f-stderr').addEventListener('change', (e) => {
+  filter.stderr = e.target.checked;
+  refilter();
+});
+let searchTimer = null;
+$('search').addEventListener('input', (e) => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => {
+    filter.needle = e.target.value.toLowerCase();
+    refilter();
+  }, 150);
+});
+$('search').addEventListener('keydown', (e) => {
+  if (e.key === 'Escape' && e.target.value) {
+    e.target.value = '';
+    filter.needle = '';
+    refilter();
+  }
+});
+$('o-ts').addEventListener('change', (e) => {
+  out.classList.toggle('show-ts', e.target.checked);
+  if (follow) scrollToBottom();
+});
+$('o-wrap').addEventListener('change', (e) => {
+  out.classList.toggle('wrap', e.target.checked);
+  if (follow) scrollToBottom();
+});
+$('follow').addEventListener('click', () => {
+  if (follow) {
+    follow = false;
+    userPaused = true;
+    updateFollow();
+  } else {
+    jumpToLatest();
+  }
+});
+$('jump').addEventListener('click', jumpToLatest);
+$('copy').addEventListener('click', copyVisible);
+$('download').addEventListener('click', downloadAll);
+vp.addEventListener('keydown', (e) => {
+  if (e.key === 'End') {
+    e.preventDefault();
+    jumpToLatest();
+  }
+});
+document.addEventListener('keydown', (e) => {
+  const typing = e.target instanceof HTMLInputElement || e.target instanceof HTMLTextAreaElement;
+  if (e.key === '/' && !typing && !e.ctrlKey && !e.metaKey && !e.altKey) {
+    e.preventDefault();
+    $('search').focus();
+  }
+});
+setupTheme($('theme'));
+
+// ---- start ----------------------------------------------------------------------------
+
+async function start() {
+  if (!jobId) {
+    setConn('ended', 'No job id in the address');
+    return;
+  }
+  // Bounded retries while the gateway is unreachable at page load.
+  for (let attempt = 0; ; attempt++) {
+    try {
+      showJob(await getJson(api));
+      break;
+    } catch (e) {
+      if (e.status === 404 || e.status === 400 || attempt >= 50) {
+        $('title').textContent = e.status === 404 ? 'Job not found' : 'Cannot load the job';
+        statusBadge($('status'), 'unknown');
+        setConn('ended', e.message);
+        vp.setAttribute('aria-busy', 'false');
+        clearInterval(ticker);
+        return;
+      }
+      setConn('reconnecting', e.message);
+      await new Promise((r) => setTimeout(r, Math.min(10_000, 500 * 2 ** attempt)));
+    }
+  }
+  let tail;
+  try {
+    tail = await getJson(`${api}/events?beforeSeq=${END_SEQ}&limit=${PAGE}`);
+  } catch {
+    tail = { items: [], jobStatus: job.status, failed: true };
+  }
+  const items = tail.items;
+  olderDone = !tail.failed && (!items.length || items[0].seq <= 1 || items.length < PAGE);
+  prevStage = olderDone ? null : undefined;
+  if (items.length) {
+    firstSeq = items[0].seq;
+    lastSeq = items[items.length - 1].seq;
+    lines = linesOf(items, prevStage);
+    for (const ev of items) if (ev.payload && typeof ev.payload.stage === 'string') prevStage = ev.payload.stage;
+  }
+  if (tail.failed) firstSeq = lastSeq = 0; // SSE starts from the beginning instead
+  view = lines.filter(matches);
+  resetWindowToEnd();
+  vp.setAttribute('aria-busy', 'false');
+  updateFollow();
+  setStatus(tail.jobStatus || job.status);
+  $('t-events').textContent = String(Math.max(job.lastSeq || 0, lastSeq));
+  fill();
+  const last = items[items.length - 1];
+  if (TERMINAL.has(tail.jobStatus) && last && eventKind(last) === 'status' && TERMINAL.has(last.payload.status)) {
+    // Finished, and the tail reaches its final status event: nothing more will come.
+    ended = true;
+    clearInterval(ticker);
+    setConn('ended', 'The job is finished; the output is complete');
+    return;
+  }
+  connectSse();
+}
+
+start();

@@ -1,0 +1,357 @@
+//! The database side: one connection, batches out of the buffer, retries, and the
+//! job's status.
+//!
+//! A batch is ONE `INSERT ... SELECT FROM unnest(...)` statement, so the job gets one
+//! NOTIFY per batch. A batch goes when `max_batch` bytes are waiting or `linger` after
+//! its first line, but never sooner than `1 / max_statements_per_sec` after the
+//! previous statement.
+//!
+//! Connection errors are retried forever with capped exponential backoff (the buffer
+//! meanwhile drops its oldest output once full, and says so). Each event gets its id
+//! here, so after an error that leaves it unknown whether the statement committed, a
+//! look-up of the first id tells, and nothing is stored twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use tokio::time::Instant;
+use tokio_postgres::{Client, NoTls};
+use uuid::Uuid;
+
+use super::batch::{Batcher, Event, Kind};
+use super::buffer::{Buffer, Stream};
+use super::{Labels, Settings};
+use crate::db::is_connection_error;
+use crate::Error;
+
+/// First wait after a failure.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest wait between attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Attempts at a batch that fails for a reason other than the connection (a constraint,
+/// a deleted job) before it is given up and reported.
+const QUERY_ATTEMPTS: u32 = 3;
+
+const INSERT: &str = "INSERT INTO agent_job_events (id, job_id, level, message, payload) \
+     SELECT i, $1, l, m, p FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[]) \
+         WITH ORDINALITY AS t(i, l, m, p, n) ORDER BY n";
+
+/// One connection to the database, remade when lost.
+pub struct Sink {
+    config: tokio_postgres::Config,
+    job: Uuid,
+    client: Option<Client>,
+    backoff: Duration,
+    buffer: Arc<Buffer>,
+    down_since: Option<Instant>,
+}
+
+impl Sink {
+    pub fn new(config: tokio_postgres::Config, job: Uuid, buffer: Arc<Buffer>) -> Sink {
+        Sink {
+            config,
+            job,
+            client: None,
+            backoff: BACKOFF_START,
+            buffer,
+            down_since: None,
+        }
+    }
+
+    async fn client(&mut self) -> Result<&mut Client, tokio_postgres::Error> {
+        if self.client.is_none() {
+            let (client, connection) = self.config.connect(NoTls).await?;
+            // The task ends when the client is dropped or the connection breaks; the
+            // next query then fails with a connection error and we reconnect.
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "worker connection ended");
+                }
+            });
+            self.client = Some(client);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    /// After a connection error: forget the connection and wait before the next try.
+    async fn lost(&mut self, e: &tokio_postgres::Error) {
+        self.client = None;
+        if self.down_since.is_none() {
+            self.down_since = Some(Instant::now());
+            tracing::warn!(error = %e, "database unreachable, retrying");
+            self.buffer.set_outage(true);
+        }
+        let jitter = self.backoff.mul_f64(fastrand::f64() * 0.2);
+        tokio::time::sleep(self.backoff + jitter).await;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    fn recovered(&mut self) {
+        self.backoff = BACKOFF_START;
+        if let Some(since) = self.down_since.take() {
+            tracing::info!(after = ?since.elapsed(), "database reachable again");
+            self.buffer.set_outage(false);
+        }
+    }
+
+    /// Marks the job running (creating it first if asked). Connection errors are
+    /// retried until `give_up_at`.
+    pub async fn start(
+        &mut self,
+        create: bool,
+        name: &str,
+        give_up_at: Instant,
+    ) -> Result<(), Error> {
+        let job = self.job;
+        loop {
+            let attempt = async {
+                let client = self.client().await?;
+                if create {
+                    client
+                        .execute(
+                            "INSERT INTO agent_jobs (id, name) VALUES ($1, $2) \
+                             ON CONFLICT (id) DO NOTHING",
+                            &[&job, &name],
+                        )
+                        .await?;
+                }
+                client
+                    .execute(
+                        "UPDATE agent_jobs SET status = 'running' WHERE id = $1",
+                        &[&job],
+                    )
+                    .await
+            };
+            match attempt.await {
+                Ok(0) => {
+                    return Err(Error::config(format!(
+                        "job {job} does not exist (pass --create to create it)"
+                    )))
+                }
+                Ok(_) => {
+                    self.recovered();
+                    return Ok(());
+                }
+                Err(e) if is_connection_error(&e) && Instant::now() < give_up_at => {
+                    self.lost(&e).await
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Stores `rows` in one statement, retrying until it is stored exactly once.
+    pub async fn insert(&mut self, rows: &Rows) -> Result<(), Error> {
+        let job = self.job;
+        let mut maybe_stored = false;
+        let mut failures = 0;
+        loop {
+            let attempt = async {
+                let client = self.client().await?;
+                if maybe_stored {
+                    let stored = client
+                        .query_opt(
+                            "SELECT 1 FROM agent_job_events WHERE id = $1",
+                            &[&rows.ids[0]],
+                        )
+                        .await?;
+                    if stored.is_some() {
+                        return Ok(());
+                    }
+                }
+                client
+                    .execute(
+                        INSERT,
+                        &[
+                            &job,
+                            &rows.ids,
+                            &rows.levels,
+                            &rows.messages,
+                            &rows.payloads,
+                        ],
+                    )
+                    .await
+                    .map(drop)
+            };
+            match attempt.await {
+                Ok(()) => {
+                    self.recovered();
+                    return Ok(());
+                }
+                Err(e) if is_connection_error(&e) => {
+                    maybe_stored = true;
+                    self.lost(&e).await;
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures >= QUERY_ATTEMPTS {
+                        return Err(e.into());
+                    }
+                    tracing::warn!(error = %e, "insert failed, retrying");
+                    tokio::time::sleep(BACKOFF_START * failures).await;
+                }
+            }
+        }
+    }
+
+    /// Records the final status, with `detail` merged into its status event.
+    /// Idempotent, so retried on connection errors until it is stored.
+    pub async fn finish(&mut self, status: &str, detail: &Value) -> Result<(), Error> {
+        let job = self.job;
+        let detail = detail.to_string();
+        loop {
+            let attempt = async {
+                let client = self.client().await?;
+                let tx = client.transaction().await?;
+                tx.execute(
+                    "SELECT set_config('eventgate.status_detail', $1, true)",
+                    &[&detail],
+                )
+                .await?;
+                tx.execute(
+                    "UPDATE agent_jobs SET status = $2 WHERE id = $1",
+                    &[&job, &status],
+                )
+                .await?;
+                tx.commit().await
+            };
+            match attempt.await {
+                Ok(()) => {
+                    self.recovered();
+                    return Ok(());
+                }
+                Err(e) if is_connection_error(&e) => self.lost(&e).await,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// A batch as the columns of the INSERT.
+#[derive(Debug, Default)]
+pub struct Rows {
+    ids: Vec<Uuid>,
+    levels: Vec<&'static str>,
+    messages: Vec<String>,
+    payloads: Vec<Value>,
+    /// Lines in the batch (for the count of what could not be stored).
+    pub lines: u64,
+}
+
+impl Rows {
+    pub fn new(events: Vec<Event>, labels: &Labels, stderr_level: &'static str) -> Rows {
+        let mut rows = Rows::default();
+        for event in events {
+            let (stream, level) = match event.kind {
+                Kind::Log(Stream::Stdout) => (Stream::Stdout, "info"),
+                Kind::Log(Stream::Stderr) => (Stream::Stderr, stderr_level),
+                Kind::Dropped(_) => (Stream::Stderr, "warn"),
+            };
+            let mut payload = Map::new();
+            payload.insert("kind".into(), json!("log"));
+            payload.insert("stream".into(), json!(stream.as_str()));
+            if let Some(stage) = &labels.stage {
+                payload.insert("stage".into(), json!(stage));
+            }
+            if let Some(step_id) = &labels.step_id {
+                payload.insert("stepId".into(), json!(step_id));
+            }
+            if let Some(step_index) = labels.step_index {
+                payload.insert("stepIndex".into(), json!(step_index));
+            }
+            payload.insert("lines".into(), json!(event.lines));
+            if let Kind::Dropped(dropped) = event.kind {
+                payload.insert(
+                    "dropped".into(),
+                    json!({"lines": dropped.lines, "bytes": dropped.bytes}),
+                );
+            } else {
+                rows.lines += event.lines as u64;
+            }
+            rows.ids.push(Uuid::new_v4());
+            rows.levels.push(level);
+            let mut message = event.text;
+            if message.ends_with('\n') {
+                message.pop();
+            }
+            rows.messages.push(message);
+            rows.payloads.push(Value::Object(payload));
+        }
+        rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// What the write loop did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Written {
+    pub statements: u64,
+    pub rows: u64,
+    pub lines: u64,
+    /// Lines of batches given up after [`QUERY_ATTEMPTS`] non-connection errors.
+    pub unstored_lines: u64,
+}
+
+/// Moves everything from the buffer to the database until every reader is done and
+/// the buffer is empty. Returns the sink for the final status.
+pub async fn write_loop(
+    mut sink: Sink,
+    buffer: Arc<Buffer>,
+    settings: Settings,
+    labels: Labels,
+) -> (Sink, Written) {
+    let min_interval = if settings.max_statements_per_sec > 0.0 {
+        Duration::from_secs_f64(1.0 / settings.max_statements_per_sec)
+    } else {
+        Duration::ZERO
+    };
+    let stderr_level = settings.stderr_level.as_str();
+    let mut batcher = Batcher::new(settings.max_event_bytes);
+    let mut written = Written::default();
+    let mut last_statement: Option<Instant> = None;
+    loop {
+        // Wait for the first line of the next batch (or the end).
+        buffer.wait_for(1, None).await;
+        if buffer.is_finished() {
+            break;
+        }
+        let now = Instant::now();
+        let earliest = last_statement.map_or(now, |at| at + min_interval);
+        // Give it `linger` to fill up, unless a full batch is waiting.
+        buffer
+            .wait_for(
+                settings.max_batch_bytes,
+                Some((now + settings.linger).max(earliest)),
+            )
+            .await;
+        tokio::time::sleep_until(earliest).await;
+        let taken = buffer.take(settings.max_batch_bytes);
+        if !taken.dropped.is_empty() {
+            batcher.push_dropped(taken.dropped);
+        }
+        for chunk in &taken.chunks {
+            batcher.push(chunk);
+        }
+        let rows = Rows::new(batcher.take(), &labels, stderr_level);
+        if rows.is_empty() {
+            continue;
+        }
+        match sink.insert(&rows).await {
+            Ok(()) => {
+                written.statements += 1;
+                written.rows += rows.ids.len() as u64;
+                written.lines += rows.lines;
+            }
+            Err(e) => {
+                written.unstored_lines += rows.lines;
+                tracing::error!(error = %e, lines = rows.lines, "could not store output");
+            }
+        }
+        last_statement = Some(Instant::now());
+    }
+    (sink, written)
+}

@@ -1,0 +1,508 @@
+// Browser tests of the dashboard: `cd tests/web && npm ci && node run.mjs`.
+// Expects a built gateway at $EVENTGATE_BIN (default target/debug/eventgate from the
+// repository root) and Debian's /usr/bin/chromium. Starts its own PostgreSQL.
+
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import {
+  Gateway, Jobs, OUTPUT, Postgres, atBottom, bin, launchBrowser, migrate, outputLines, settle,
+  sleep, waitForLine, waitForState, waitUntil,
+} from './harness.mjs';
+
+const SCREENSHOTS = path.join(path.dirname(new URL(import.meta.url).pathname), 'screenshots');
+
+let pg;
+let gw;
+let browser;
+let jobs;
+
+/** Asserts `lines` hold exactly `expected`, each once and in order. */
+function assertExactly(lines, expected) {
+  const seen = lines.filter((l) => expected.includes(l));
+  assert.deepEqual(seen, expected, 'every line once, in order');
+}
+
+async function openJob(id, options = {}) {
+  const page = await browser.context.newPage();
+  if (options.before) await options.before(page);
+  await page.goto(`${gw.base}/jobs/${id}`);
+  return page;
+}
+
+describe('eventgate dashboard', { concurrency: 1 }, () => {
+  before(async () => {
+    assert.ok(fs.existsSync(bin), `no gateway binary at ${bin}: run cargo build first`);
+    pg = new Postgres();
+    await pg.start();
+    migrate(pg.url);
+    gw = new Gateway(pg.url);
+    await gw.start();
+    jobs = new Jobs(pg);
+    browser = await launchBrowser();
+  });
+
+  after(async () => {
+    if (browser) await browser.close();
+    if (gw) await gw.stop();
+    if (pg) pg.stop();
+  });
+
+  test('lines appear live as rows are inserted', async () => {
+    const id = jobs.create('live lines');
+    jobs.append(id, ['before the page 1', 'before the page 2']);
+    const page = await openJob(id);
+    await waitForState(page, 'live');
+    await waitForLine(page, 'before the page 2');
+    for (let batch = 0; batch < 3; batch++) {
+      jobs.append(id, [`live ${batch}.a`, `live ${batch}.b`]);
+      await waitForLine(page, `live ${batch}.b`);
+    }
+    // A coalesced event: several lines in one message.
+    jobs.append(id, ['coalesced 1\ncoalesced 2\ncoalesced 3']);
+    await waitForLine(page, 'coalesced 3');
+    assertExactly(await outputLines(page), [
+      'before the page 1', 'before the page 2', 'live 0.a', 'live 0.b', 'live 1.a', 'live 1.b',
+      'live 2.a', 'live 2.b', 'coalesced 1', 'coalesced 2', 'coalesced 3',
+    ]);
+    assert.equal(await page.getByTestId('job-status').textContent(), 'running');
+    await page.close();
+  });
+
+  test('the job list shows jobs and their status live over one stream', async () => {
+    const page = await browser.context.newPage();
+    const streams = [];
+    page.on('request', (r) => {
+      if (r.url().includes('/api/queue/jobs/stream')) streams.push(r.url());
+    });
+    await page.goto(gw.base + '/');
+    await waitForState(page, 'live');
+    const id = jobs.create('listed job', 'queued');
+    const row = page.locator(`[data-testid="job-row"][data-id="${id}"]`);
+    await row.waitFor({ timeout: 30_000 });
+    jobs.setStatus(id, 'running');
+    await waitUntil(async () => (await row.getByTestId('job-row-status').textContent()) === 'running', 'running');
+    jobs.setStatus(id, 'succeeded');
+    await waitUntil(async () => (await row.getByTestId('job-row-status').textContent()) === 'succeeded', 'succeeded');
+    await row.getByRole('link').click();
+    await page.waitForURL(`**/jobs/${id}`);
+    await waitForState(page, 'ended');
+    assert.equal(streams.length, 1, 'one status stream for the whole list');
+    await page.close();
+  });
+  test('follow pauses on scroll-up and resumes', async () => {
+    const id = jobs.create('follow');
+    jobs.append(id, Array.from({ length: 300 }, (_, i) => `follow line ${i + 1}`));
+    const page = await openJob(id);
+    await waitForState(page, 'live');
+    await waitForLine(page, 'follow line 300');
+    await waitUntil(() => atBottom(page), 'the view at the bottom');
+    const follow = page.getByTestId('follow-toggle');
+    const jump = page.getByTestId('jump-latest');
+    assert.equal(await follow.getAttribute('aria-pressed'), 'true');
+    assert.equal(await jump.isVisible(), false);
+
+    // Scrolling up pauses follow and offers "jump to latest".
+    await page.getByTestId('output-viewport').hover();
+    await page.mouse.wheel(0, -1500);
+    await jump.waitFor({ state: 'visible', timeout: 10_000 });
+    assert.equal(await follow.getAttribute('aria-pressed'), 'false');
+    // Let any smooth-scroll animation finish before taking the position.
+    const scrollTop = () => page.getByTestId('output-viewport').evaluate((el) => el.scrollTop);
+    let top = await scrollTop();
+    await waitUntil(async () => {
+      await settle(page);
+      const now = await scrollTop();
+      const still = now === top;
+      top = now;
+      return still;
+    }, 'the scroll position to settle');
+    jobs.append(id, ['while scrolled up']);
+    await waitForLine(page, 'while scrolled up');
+    await settle(page);
+    assert.equal(await atBottom(page), false, 'a paused view does not move');
+    assert.equal(await scrollTop(), top);
+
+    // Jump to latest resumes following.
+    await jump.click();
+    await waitUntil(() => atBottom(page), 'the view at the bottom');
+    assert.equal(await follow.getAttribute('aria-pressed'), 'true');
+    jobs.append(id, ['after jumping']);
+    await waitForLine(page, 'after jumping');
+    await waitUntil(() => atBottom(page), 'the view to follow the new line');
+
+    // The pause/resume toggle (keyboard too).
+    await follow.focus();
+    await page.keyboard.press('Enter');
+    assert.equal(await follow.getAttribute('aria-pressed'), 'false');
+    jobs.append(id, Array.from({ length: 40 }, (_, i) => `paused ${i}`));
+    await waitForLine(page, 'paused 39');
+    await settle(page);
+    assert.equal(await atBottom(page), false, 'paused: new lines do not scroll the view');
+    await page.keyboard.press('Enter');
+    assert.equal(await follow.getAttribute('aria-pressed'), 'true');
+    await waitUntil(() => atBottom(page), 'resumed: the view at the bottom');
+    await page.close();
+  });
+
+  test('filters: stages, logs, warnings/errors, streams, search, timestamps, wrap', async () => {
+    const id = jobs.create('filters', 'queued');
+    jobs.setStatus(id, 'running');
+    jobs.append(id, [
+      { message: '==> build', stage: 'build' },
+      { message: 'compiling foo', stage: 'build' },
+      { message: 'warning: unused needle', stage: 'build', level: 'warn', stream: 'stderr' },
+      { message: '==> test', stage: 'test' },
+      { message: 'test a ... ok', stage: 'test' },
+      { message: 'error: test b failed', stage: 'test', level: 'error', stream: 'stderr' },
+      { message: 'stderr note with NEEDLE', stage: 'test', stream: 'stderr' },
+    ]);
+    const page = await openJob(id);
+    await waitForState(page, 'live');
+    await waitForLine(page, 'stderr note with NEEDLE');
+    const all = ['status: running', '==> build', 'compiling foo', 'warning: unused needle', '==> test',
+      'test a ... ok', 'error: test b failed', 'stderr note with NEEDLE'];
+    assert.deepEqual(await outputLines(page), all);
+
+    const show = async (testid, expected) => {
+      await page.getByTestId(testid).click();
+      await waitUntil(async () => JSON.stringify(await outputLines(page)) === JSON.stringify(expected),
+        `${testid} to show ${JSON.stringify(expected)} (has ${JSON.stringify(await outputLines(page))})`, 10_000);
+      assert.equal(await page.getByTestId(testid).getAttribute('aria-pressed'), 'true');
+    };
+    await show('filter-stages', ['status: running', '==> build', '==> test']);
+    await show('filter-logs', all.slice(1));
+    await show('filter-problems', ['warning: unused needle', 'error: test b failed']);
+    await show('filter-all', all);
+
+    // A live line that does not match the filter stays hidden; one that does appears.
+    await page.getByTestId('filter-problems').click();
+    jobs.append(id, [{ message: 'live info', stage: 'test' }, { message: 'live warning', stage: 'test', level: 'warn' }]);
+    await waitForLine(page, 'live warning');
+    assert.ok(!(await outputLines(page)).includes('live info'));
+    await page.getByTestId('filter-all').click();
+    await waitForLine(page, 'live info');
+    const everything = [...all, 'live info', 'live warning'];
+
+    await page.getByTestId('stream-stdout').uncheck();
+    await waitUntil(async () => JSON.stringify(await outputLines(page)) === JSON.stringify(
+      ['status: running', 'warning: unused needle', 'error: test b failed', 'stderr note with NEEDLE']), 'stderr only');
+    await page.getByTestId('stream-stdout').check();
+    await page.getByTestId('stream-stderr').uncheck();
+    await waitUntil(async () => !(await outputLines(page)).some((l) => l.includes('error:') || l.includes('NEEDLE')), 'stdout only');
+    assert.ok((await outputLines(page)).includes('compiling foo'));
+    await page.getByTestId('stream-stderr').check();
+    await waitUntil(async () => (await outputLines(page)).length === everything.length, 'both streams');
+
+    // Search filters to matching lines (case-insensitive) and highlights the matches.
+    await page.getByTestId('search').fill('needle');
+    await waitUntil(async () => JSON.stringify(await outputLines(page)) === JSON.stringify(
+      ['warning: unused needle', 'stderr note with NEEDLE']), 'search results');
+    const marks = await page.locator(`${OUTPUT} mark`).allTextContents();
+    assert.deepEqual(marks, ['needle', 'NEEDLE']);
+    assert.match(await page.getByTestId('search-count').textContent(), /2 matching lines/);
+    await page.getByTestId('search').press('Escape');
+    await waitUntil(async () => (await outputLines(page)).length === everything.length, 'search cleared');
+
+    // Timestamps: shown beside each line (not part of the log text).
+    const before = await page.locator(`${OUTPUT} .row`).first().evaluate((el) => getComputedStyle(el, '::before').content);
+    assert.equal(before, 'none');
+    await page.getByTestId('toggle-timestamps').check();
+    const stamp = await page.locator(`${OUTPUT} .row`).first().evaluate((el) => getComputedStyle(el, '::before').content);
+    assert.match(stamp, /\d\d:\d\d:\d\d\.\d{3}/);
+    assert.deepEqual(await outputLines(page), everything, 'timestamps are not in the log text');
+
+    // Wrap.
+    const whiteSpace = () => page.locator(OUTPUT).evaluate((el) => getComputedStyle(el).whiteSpace);
+    assert.equal(await whiteSpace(), 'pre');
+    await page.getByTestId('toggle-wrap').check();
+    assert.equal(await whiteSpace(), 'pre-wrap');
+    await page.close();
+  });
+
+  test('copy puts the visible output on the clipboard, with a fallback', async () => {
+    const id = jobs.create('copy');
+    jobs.append(id, ['copy one', { message: 'copy \x1b[31mtwo\x1b[0m', level: 'warn', stream: 'stderr' }, 'copy three']);
+    const origin = gw.base;
+    await browser.context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin });
+    const page = await openJob(id);
+    await waitForLine(page, 'copy three');
+    await page.getByTestId('filter-problems').click();
+    await waitUntil(async () => (await outputLines(page)).length === 1, 'the filter');
+    await page.getByTestId('copy').click();
+    await waitUntil(async () => /Copied 1 line/.test(await page.getByTestId('copy-status').textContent()), 'the copy confirmation');
+    assert.equal(await page.evaluate(() => navigator.clipboard.readText()), 'copy two');
+
+    // Without the async clipboard API: the textarea + execCommand fallback.
+    await page.getByTestId('filter-all').click();
+    await page.evaluate(() => {
+      Object.defineProperty(navigator, 'clipboard', { value: undefined, configurable: true });
+      window.__copied = null;
+      document.addEventListener('copy', () => {
+        window.__copied = document.activeElement && document.activeElement.value;
+      });
+    });
+    await page.getByTestId('copy').click();
+    await waitUntil(async () => /Copied 3 lines/.test(await page.getByTestId('copy-status').textContent()), 'the fallback confirmation');
+    assert.equal(await page.evaluate(() => window.__copied), 'copy one\ncopy two\ncopy three');
+    assert.equal(await page.getByTestId('copy-fallback').count(), 0, 'the textarea is removed');
+    await page.close();
+  });
+
+  test('download fetches every page of the full log as text', async () => {
+    const id = jobs.create('download', 'queued');
+    // 2,500 events (three pages), the first one with colour, the last with two lines.
+    pg.sql(`INSERT INTO agent_job_events (job_id, level, message, payload)
+      SELECT '${id}', 'info', E'\\x1b[32mdl\\x1b[0m line ' || i, '{"kind":"log","stream":"stdout"}'::jsonb
+      FROM generate_series(1, 2499) i`);
+    jobs.append(id, ['dl line 2500\ndl line 2501']);
+    const page = await openJob(id);
+    await waitForLine(page, 'dl line 2501');
+    const [download] = await Promise.all([page.waitForEvent('download', { timeout: 60_000 }), page.getByTestId('download').click()]);
+    assert.equal(download.suggestedFilename(), `job-${id}.log`);
+    const file = await download.path();
+    const lines = fs.readFileSync(file, 'utf8').split('\n');
+    assert.equal(lines.pop(), '');
+    assert.deepEqual(lines, Array.from({ length: 2501 }, (_, i) => `dl line ${i + 1}`));
+    await waitUntil(async () => /Downloaded 2501 lines/.test(await page.getByTestId('copy-status').textContent()), 'the confirmation');
+    await page.close();
+  });
+
+  test('ANSI colours become spans; escapes, carriage returns and HTML are handled', async () => {
+    const id = jobs.create('ansi');
+    jobs.append(id, [
+      '\x1b[31mred text\x1b[0m then plain',
+      '\x1b[1;32mbold green\x1b[0m \x1b[38;5;208morange\x1b[0m \x1b[38;2;10;20;30mtruecolor\x1b[0m',
+      'progress 10%\rprogress 50%\rprogress 100%',
+      '\x1b]0;window title\x07cleared\x1b[K line\x1b[2J',
+      '<b>not bold</b> & <script>window.__pwned = 1</script>',
+      '\x1b[35mmagenta start\nmagenta continued\x1b[0m\nplain after',
+    ]);
+    const page = await openJob(id);
+    await waitForLine(page, 'plain after');
+    const text = await page.locator(OUTPUT).textContent();
+    assert.ok(!text.includes('\x1b'), 'no raw escape');
+    assert.ok(!text.includes('\r'), 'no carriage return');
+    assert.ok(!/\[\d+(;\d+)*m/.test(text), 'no leftover SGR text');
+    const lines = await outputLines(page);
+    assert.deepEqual(lines, [
+      'red text then plain',
+      'bold green orange truecolor',
+      'progress 100%',
+      'cleared line',
+      '<b>not bold</b> & <script>window.__pwned = 1</script>',
+      'magenta start',
+      'magenta continued',
+      'plain after',
+    ]);
+    // A colour set on one line of a coalesced event carries to the next.
+    assert.deepEqual(await page.locator(`${OUTPUT} span.fg-magenta`).allTextContents(), ['magenta start', 'magenta continued']);
+    const red = page.locator(`${OUTPUT} span.fg-red`);
+    assert.equal(await red.textContent(), 'red text');
+    const colours = await page.locator(`${OUTPUT} .row`).first().evaluate((row) => [
+      getComputedStyle(row.querySelector('span.fg-red')).color, getComputedStyle(row).color,
+    ]);
+    assert.notEqual(colours[0], colours[1], 'the red span has its own colour');
+    assert.equal(await page.locator(`${OUTPUT} span.fg-green.ansi-bold`).textContent(), 'bold green');
+    assert.equal(await page.locator(`${OUTPUT} span`, { hasText: 'orange' }).evaluate((el) => el.style.color), 'rgb(255, 135, 0)');
+    assert.equal(await page.locator(`${OUTPUT} span`, { hasText: 'truecolor' }).evaluate((el) => el.style.color), 'rgb(10, 20, 30)');
+    assert.equal(await page.locator(`${OUTPUT} b, ${OUTPUT} script`).count(), 0, 'log text is never HTML');
+    assert.equal(await page.evaluate(() => window.__pwned), undefined);
+    await page.close();
+  });
+
+  test('a gateway restart mid-stream leaves no gap and no duplicate', async () => {
+    const id = jobs.create('restart');
+    const expected = [];
+    const write = (from, to) => {
+      const batch = [];
+      for (let i = from; i <= to; i++) batch.push(`restart line ${i}`);
+      expected.push(...batch);
+      jobs.append(id, batch);
+    };
+    write(1, 20);
+    const page = await openJob(id);
+    await waitForState(page, 'live');
+    await waitForLine(page, 'restart line 20');
+
+    await gw.kill();
+    for (let b = 0; b < 4; b++) {
+      write(21 + b * 10, 30 + b * 10); // written while the gateway is down
+      await sleep(300);
+    }
+    await waitUntil(async () => (await page.getByTestId('connection-state').getAttribute('data-state')) !== 'live', 'the page to notice');
+    await gw.start();
+    write(61, 80);
+    await waitForLine(page, 'restart line 80', 60_000);
+    await waitForState(page, 'live', 60_000);
+    write(81, 90);
+    await waitForLine(page, 'restart line 90');
+    const lines = await outputLines(page);
+    assert.deepEqual(lines, expected, 'every line exactly once, in order');
+    await page.close();
+  });
+
+  test('SSE blocked -> polling -> back to SSE', async () => {
+    const id = jobs.create('blocked');
+    jobs.append(id, ['blocked 1']);
+    const block = (route) => route.abort('connectionrefused');
+    const page = await openJob(id, { before: (p) => p.route('**/events/stream**', block) });
+    await waitForLine(page, 'blocked 1');
+    await waitForState(page, 'polling', 60_000);
+    jobs.append(id, ['polled 2', 'polled 3']);
+    await waitForLine(page, 'polled 3');
+    await page.unroute('**/events/stream**', block);
+    await waitForState(page, 'live', 60_000);
+    jobs.append(id, ['streamed 4']);
+    await waitForLine(page, 'streamed 4');
+    assert.deepEqual(await outputLines(page), ['blocked 1', 'polled 2', 'polled 3', 'streamed 4']);
+    await page.close();
+  });
+
+  test('a finished job shows its final status and makes no more requests', async () => {
+    const countRequests = async (page) => {
+      const seen = [];
+      const listener = (r) => seen.push(r.url());
+      page.on('request', listener);
+      await sleep(4000);
+      page.off('request', listener);
+      return seen;
+    };
+
+    // Finished before the page opens: 300 lines and a coloured one (the acceptance case).
+    const done = jobs.create('finished', 'queued');
+    jobs.setStatus(done, 'running');
+    jobs.append(done, Array.from({ length: 300 }, (_, i) => `done line ${i + 1}`));
+    jobs.append(done, ['\x1b[1;31mcoloured\x1b[0m \x1b[32mline\x1b[0m']);
+    jobs.setStatus(done, 'succeeded');
+    let page = await openJob(done);
+    await waitForState(page, 'ended');
+    assert.equal(await page.getByTestId('job-status').textContent(), 'succeeded');
+    let text = await page.locator(OUTPUT).textContent();
+    for (let i = 1; i <= 300; i++) assert.ok(text.includes(`done line ${i}\n`), `line ${i}`);
+    assert.ok(text.includes('coloured line'));
+    assert.ok(!text.includes('\x1b'));
+    assert.deepEqual(await countRequests(page), []);
+    await page.close();
+
+    // Finishing while watched: the stream's `end` stops everything.
+    const live = jobs.create('finishing');
+    jobs.append(live, ['working']);
+    page = await openJob(live);
+    await waitForState(page, 'live');
+    jobs.append(live, ['last words']);
+    jobs.setStatus(live, 'failed');
+    await waitForState(page, 'ended');
+    assert.equal(await page.getByTestId('job-status').textContent(), 'failed');
+    await waitForLine(page, 'status: failed');
+    assert.deepEqual((await outputLines(page)).slice(-3), ['working', 'last words', 'status: failed']);
+    assert.deepEqual(await countRequests(page), []);
+    await page.close();
+
+    // Terminal without a status event (inserted finished): the stream answers 204.
+    const inserted = jobs.create('inserted finished', 'cancelled');
+    jobs.append(inserted, ['only line']);
+    page = await openJob(inserted);
+    await waitForState(page, 'ended');
+    assert.equal(await page.getByTestId('job-status').textContent(), 'cancelled');
+    assert.deepEqual(await outputLines(page), ['only line']);
+    assert.deepEqual(await countRequests(page), []);
+    await page.close();
+  });
+
+  test('a 200,000-line log keeps a bounded DOM and loads older lines on scroll up', async () => {
+    const id = jobs.create('huge');
+    // 200 events of 1,000 coalesced lines each.
+    pg.sql(`INSERT INTO agent_job_events (job_id, level, message, payload)
+      SELECT '${id}', 'info',
+             (SELECT string_agg('huge line ' || (g * 1000 + i), E'\\n') FROM generate_series(1, 1000) i),
+             '{"kind":"log","stream":"stdout"}'::jsonb
+      FROM generate_series(0, 199) g`);
+    jobs.append(id, ['the very end']);
+    const page = await openJob(id);
+    await waitForLine(page, 'the very end', 60_000);
+    await waitForLine(page, 'huge line 200000');
+    const rows = () => page.locator(`${OUTPUT} .row`).count();
+    assert.ok((await rows()) <= 3000, `bounded DOM (${await rows()} rows)`);
+    const firstLine = async () => (await outputLines(page))[0];
+    const start = Number((await firstLine()).split(' ').pop());
+    // Scroll up a few times: older lines come in, the DOM stays bounded.
+    for (let i = 0; i < 8; i++) {
+      await page.getByTestId('output-viewport').evaluate((el) => { el.scrollTop = 0; });
+      await settle(page);
+    }
+    await waitUntil(async () => Number((await firstLine()).split(' ').pop()) < start - 2000, 'older lines');
+    assert.ok((await rows()) <= 3000, `still bounded (${await rows()} rows)`);
+    // Jump back to the end.
+    await page.getByTestId('jump-latest').click();
+    await waitForLine(page, 'the very end');
+    await waitUntil(() => atBottom(page), 'the bottom');
+    await page.close();
+  });
+
+  test('keyboard and phone: every control reachable, no page-wide sideways scroll', async () => {
+    const id = jobs.create('keyboard');
+    jobs.append(id, ['kb info', { message: 'kb warning', level: 'warn', stream: 'stderr' }, 'x'.repeat(400)]);
+    const page = await browser.context.newPage();
+    await page.setViewportSize({ width: 390, height: 800 });
+    await page.goto(`${gw.base}/jobs/${id}`);
+    await waitForLine(page, 'kb warning');
+    assert.ok(await page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth), 'fits a phone');
+    // "/" focuses the search; Tab walks the controls; Enter/Space press them.
+    await page.keyboard.press('/');
+    assert.equal(await page.evaluate(() => document.activeElement.dataset.testid), 'search');
+    const reached = new Set();
+    await page.getByTestId('back-link').focus();
+    for (let i = 0; i < 30; i++) {
+      await page.keyboard.press('Tab');
+      reached.add(await page.evaluate(() => document.activeElement.dataset.testid));
+    }
+    for (const testid of ['theme-toggle', 'filter-all', 'filter-stages', 'filter-logs', 'filter-problems', 'stream-stdout',
+      'stream-stderr', 'search', 'toggle-timestamps', 'toggle-wrap', 'follow-toggle', 'copy', 'download', 'output-viewport']) {
+      assert.ok(reached.has(testid), `${testid} is reachable with Tab`);
+    }
+    await page.getByTestId('filter-problems').focus();
+    await page.keyboard.press('Enter');
+    await waitUntil(async () => JSON.stringify(await outputLines(page)) === '["kb warning"]', 'the filter by keyboard');
+    await page.getByTestId('toggle-wrap').focus();
+    await page.keyboard.press('Space');
+    assert.equal(await page.getByTestId('toggle-wrap').isChecked(), true);
+    await page.close();
+  });
+
+  test('screenshots of the job page, light and dark', async () => {
+    const id = jobs.create('demo build #7', 'queued');
+    jobs.setStatus(id, 'running');
+    const stages = ['checkout', 'build', 'test'];
+    let n = 0;
+    for (const stage of stages) {
+      const batch = [{ message: `\x1b[1;34m==> ${stage}\x1b[0m`, stage }];
+      for (let i = 0; i < 8; i++) {
+        n++;
+        if (stage === 'build' && i === 3) {
+          batch.push({ message: `\x1b[33mwarning\x1b[0m: unused variable \`x${n}\` (src/lib.rs:${n})`, stage, level: 'warn', stream: 'stderr' });
+        } else if (stage === 'test' && i % 2) {
+          batch.push({ message: `test case_${n} ... \x1b[32mok\x1b[0m`, stage });
+        } else if (stage === 'test' && i === 6) {
+          batch.push({ message: `\x1b[31merror\x1b[0m: flaky test case_${n} retried`, stage, level: 'error', stream: 'stderr' });
+        } else {
+          batch.push({ message: `[${stage}] step ${i}: processed item ${n}`, stage });
+        }
+      }
+      jobs.append(id, batch);
+    }
+    jobs.setStatus(id, 'succeeded');
+    fs.mkdirSync(SCREENSHOTS, { recursive: true });
+    for (const scheme of ['light', 'dark']) {
+      const page = await browser.context.newPage();
+      await page.emulateMedia({ colorScheme: scheme });
+      await page.goto(`${gw.base}/jobs/${id}`);
+      await waitForState(page, 'ended');
+      await page.getByTestId('toggle-timestamps').check();
+      await settle(page);
+      await page.screenshot({ path: path.join(SCREENSHOTS, `job-${scheme}.png`) });
+      await page.close();
+    }
+  });
+});
