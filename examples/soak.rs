@@ -401,13 +401,20 @@ async fn soak(args: Args) -> Result<bool, String> {
     }
     let mut outcomes = Vec::new();
     for task in subscribers {
-        outcomes.push(task.await.map_err(|e| format!("subscriber panicked: {e}"))?);
+        outcomes.push(
+            task.await
+                .map_err(|e| format!("subscriber panicked: {e}"))?,
+        );
     }
     let bursts: Vec<_> = ctx.burst_clients.lock().expect("lock").drain(..).collect();
     for task in bursts {
-        outcomes.push(task.await.map_err(|e| format!("burst client panicked: {e}"))?);
+        outcomes.push(
+            task.await
+                .map_err(|e| format!("burst client panicked: {e}"))?,
+        );
     }
-    let drained_in = drain.saturating_sub(give_up_at.saturating_duration_since(tokio::time::Instant::now()));
+    let drained_in =
+        drain.saturating_sub(give_up_at.saturating_duration_since(tokio::time::Instant::now()));
 
     // The table, the truth.
     let truth = read_table(&url, &all_jobs).await?;
@@ -457,7 +464,10 @@ async fn soak(args: Args) -> Result<bool, String> {
     if report.ok {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
-        eprintln!("soak: FAILED; gateway and worker logs kept in {}", dir.display());
+        eprintln!(
+            "soak: FAILED; gateway and worker logs kept in {}",
+            dir.display()
+        );
     }
     Ok(report.ok)
 }
@@ -672,6 +682,7 @@ impl Report {
         let mut latency = track::histogram();
         let mut worker_latency = track::histogram();
         let mut burst_clients = 0;
+        let mut burst_slowest = Duration::ZERO;
         for outcome in outcomes {
             let t = &outcome.tracker;
             let Some(job) = truth.get(&outcome.spec.job) else {
@@ -679,6 +690,7 @@ impl Report {
             };
             if outcome.spec.index.is_none() {
                 burst_clients += 1;
+                burst_slowest = burst_slowest.max(outcome.took);
             }
             // Persistent subscribers must hold all of 1..=last; burst clients their
             // window floor+1..=max(target, what they got).
@@ -739,7 +751,12 @@ impl Report {
         };
         let faults_json: serde_json::Map<String, serde_json::Value> = faults::Kind::ALL
             .iter()
-            .map(|k| (k.name().to_string(), json!(injected.get(k.name()).copied().unwrap_or(0))))
+            .map(|k| {
+                (
+                    k.name().to_string(),
+                    json!(injected.get(k.name()).copied().unwrap_or(0)),
+                )
+            })
             .collect();
         let args = &run.args;
         let json = json!({
@@ -753,6 +770,7 @@ impl Report {
             "worker_mode": if run.worker_mode { "eventgate run" } else { "sql only" },
             "subscribers": args.subscribers,
             "burst_clients": burst_clients,
+            "burst_slowest_catch_up_s": (burst_slowest.as_secs_f64() * 10.0).round() / 10.0,
             "events_written": written,
             "events_delivered": v.delivered,
             "faults": faults_json,
@@ -777,7 +795,10 @@ impl Report {
         let mut table = String::new();
         let mut row = |k: &str, v: String| table.push_str(&format!("| {k} | {v} |\n"));
         row("result", if ok { "PASS".into() } else { "FAIL".into() });
-        row("duration (write phase) / drain", format!("{} s / {:.1} s", args.duration, drained_in.as_secs_f64()));
+        row(
+            "duration (write phase) / drain",
+            format!("{} s / {:.1} s", args.duration, drained_in.as_secs_f64()),
+        );
         row("seed", run.seed.to_string());
         row(
             "jobs",
@@ -795,7 +816,11 @@ impl Report {
                 args.writers,
                 (0..args.writers).filter(|i| i % 4 == 2).count(),
                 run.workers_started,
-                if run.worker_mode { "" } else { " (binary has no worker: SQL only)" }
+                if run.worker_mode {
+                    ""
+                } else {
+                    " (binary has no worker: SQL only)"
+                }
             ),
         );
         row(
@@ -820,6 +845,10 @@ impl Report {
                     .count(),
                 burst_clients
             ),
+        );
+        row(
+            "slowest burst client to catch up",
+            format!("{:.1} s", burst_slowest.as_secs_f64()),
         );
         row("events written (table)", written.to_string());
         row("events delivered", v.delivered.to_string());
@@ -853,7 +882,10 @@ impl Report {
                 v.corrupt, v.phantom, v.content_mismatch, v.wrong_end
             ),
         );
-        row("subscribers that never reached their end", v.incomplete.to_string());
+        row(
+            "subscribers that never reached their end",
+            v.incomplete.to_string(),
+        );
         row("table seq gaps", table_gaps.to_string());
         row(
             "commit-to-receive p50 / p99 / max (SQL, live)",
@@ -868,7 +900,11 @@ impl Report {
         if run.worker_mode {
             row(
                 "worker emit-to-receive p50 / p99",
-                format!("{} / {} ms", ms(&worker_latency, 0.5), ms(&worker_latency, 0.99)),
+                format!(
+                    "{} / {} ms",
+                    ms(&worker_latency, 0.5),
+                    ms(&worker_latency, 0.99)
+                ),
             );
         }
         row("max gateway RSS", format!("{max_rss_kib} KiB"));

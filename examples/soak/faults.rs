@@ -103,7 +103,11 @@ impl Context {
 
 /// Runs the schedule; each fault on a task of its own at its time (they may overlap
 /// when one takes long, as real failures do). Returns when all have finished.
-pub async fn run(ctx: Arc<Context>, plan: Vec<(Duration, Kind)>, stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(
+    ctx: Arc<Context>,
+    plan: Vec<(Duration, Kind)>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
     let began = tokio::time::Instant::now();
     let mut tasks = Vec::new();
     for (i, (at, kind)) in plan.into_iter().enumerate() {

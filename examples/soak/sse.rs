@@ -262,7 +262,9 @@ pub async fn get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
             stream,
             raw: all[i + 4..].to_vec(),
             text: Vec::new(),
-            chunked: head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+            chunked: head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
             chunk: Chunk::Size,
             read_size: 0,
             eof: true,

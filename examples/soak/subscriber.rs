@@ -91,6 +91,8 @@ pub struct Outcome {
     pub worker_latency: Histogram<u64>,
     /// Got everything it wanted (to `end`, or to its target).
     pub complete: bool,
+    /// How long it took from its first connection attempt.
+    pub took: Duration,
 }
 
 #[derive(Deserialize)]
@@ -128,6 +130,7 @@ pub fn stamp(message: &str) -> Option<u64> {
 
 /// Follows the job until it ends (or the target is reached), or until `give_up`.
 pub async fn run(spec: Spec, shared: Arc<Shared>) -> Outcome {
+    let began = Instant::now();
     let mut client = Client {
         tracker: Tracker::new(spec.floor),
         latency: track::histogram(),
@@ -138,9 +141,11 @@ pub async fn run(spec: Spec, shared: Arc<Shared>) -> Outcome {
         spec,
     };
     client.follow().await;
+    client.resolve();
     let complete = client.is_complete();
     Outcome {
         complete,
+        took: began.elapsed(),
         tracker: client.tracker,
         latency: client.latency,
         worker_latency: client.worker_latency,
@@ -301,17 +306,18 @@ impl Client {
         let commits = self.shared.commits.clone();
         let job = self.spec.job;
         let latency = &mut self.latency;
-        self.pending.retain(|&(seq, received, opened)| match commits.get(job, seq) {
-            Some(commit) => {
-                // Committed while this connection was open: a live delivery.
-                if commit >= opened {
-                    let us = received.saturating_sub(commit).max(1);
-                    let _ = latency.record(us.min(3_600_000_000));
+        self.pending
+            .retain(|&(seq, received, opened)| match commits.get(job, seq) {
+                Some(commit) => {
+                    // Committed while this connection was open: a live delivery.
+                    if commit >= opened {
+                        let us = received.saturating_sub(commit).max(1);
+                        let _ = latency.record(us.min(3_600_000_000));
+                    }
+                    false
                 }
-                false
-            }
-            None => now.saturating_sub(received) < 60_000_000,
-        });
+                None => now.saturating_sub(received) < 60_000_000,
+            });
     }
 
     fn handle(&mut self, message: sse::Message, opened_us: u64, stalled: bool) {

@@ -251,7 +251,11 @@ pub async fn flood(
         // First big rows: megabytes, past every socket and hyper buffer; then many
         // small statements: more batches than the job's broadcast channel holds.
         let big = tokio::time::Instant::now() < fill_until;
-        let pad = if big { "x".repeat(FLOOD_PAD) } else { String::new() };
+        let pad = if big {
+            "x".repeat(FLOOD_PAD)
+        } else {
+            String::new()
+        };
         let texts: Vec<String> = messages(&writer, "t", if big { 5 } else { 1 }, &mut counter)
             .into_iter()
             .map(|m| format!("{m} {pad}"))
@@ -277,7 +281,9 @@ pub fn worker_supported(bin: &Path) -> bool {
         .stdin(std::process::Stdio::null())
         .output();
     match out {
-        Ok(out) => out.status.success() && String::from_utf8_lossy(&out.stdout).contains("--create"),
+        Ok(out) => {
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("--create")
+        }
         Err(_) => false,
     }
 }
