@@ -104,6 +104,10 @@ struct Args {
     /// Seed of every random choice (printed in the summary).
     #[arg(long)]
     seed: Option<u64>,
+    /// Negative control: three subscribers drop, repeat and swap one event each on
+    /// purpose; the run must then report 1 lost, 1 duplicated, 1 reordered and fail.
+    #[arg(long)]
+    sabotage: bool,
     /// The gateway binary (default: the release binary of this workspace, built if stale).
     #[arg(long)]
     gateway_bin: Option<PathBuf>,
@@ -269,6 +273,12 @@ async fn soak(args: Args) -> Result<bool, String> {
             steady,
             floor: 0,
             target: None,
+            sabotage: match (args.sabotage, i) {
+                (true, 0) => Some(subscriber::Sabotage::Drop),
+                (true, 1) => Some(subscriber::Sabotage::Repeat),
+                (true, 2) => Some(subscriber::Sabotage::Swap),
+                _ => None,
+            },
             seed: rng.u64(..),
         };
         let delay = arrival.mul_f64(rng.f64());
@@ -681,6 +691,7 @@ impl Report {
         let mut v = Verdict::default();
         let mut latency = track::histogram();
         let mut worker_latency = track::histogram();
+        let mut send_latency = track::histogram();
         let mut burst_clients = 0;
         let mut burst_slowest = Duration::ZERO;
         for outcome in outcomes {
@@ -723,6 +734,7 @@ impl Report {
             }
             let _ = latency.add(&outcome.latency);
             let _ = worker_latency.add(&outcome.worker_latency);
+            let _ = send_latency.add(&outcome.send_latency);
         }
         let table_gaps: u64 = truth.values().map(|t| t.table_gaps).sum();
         let written: i64 = truth.values().map(|t| t.last_seq).sum();
@@ -783,6 +795,7 @@ impl Report {
             "p99_commit_to_receive_ms": ms(&latency, 0.99),
             "max_commit_to_receive_ms": ms(&latency, 1.0),
             "latency_samples": latency.len(),
+            "p99_send_to_receive_ms": ms(&send_latency, 0.99),
             "p99_worker_emit_to_receive_ms": ms(&worker_latency, 0.99),
             "max_gateway_rss_kib": max_rss_kib,
             "connections": shared.connections.load(Ordering::Relaxed),
@@ -895,6 +908,14 @@ impl Report {
                 ms(&latency, 0.99),
                 ms(&latency, 1.0),
                 latency.len()
+            ),
+        );
+        row(
+            "send-to-receive p50 / p99 (SQL `t=` stamp, incl. row-lock waits)",
+            format!(
+                "{} / {} ms",
+                ms(&send_latency, 0.5),
+                ms(&send_latency, 0.99)
             ),
         );
         if run.worker_mode {

@@ -267,6 +267,7 @@ async fn burst(ctx: &Context, nth: u64) -> Result<String, String> {
             steady: true,
             floor,
             target: Some(head),
+            sabotage: None,
             seed: rng.u64(..),
         };
         handles.push(tokio::spawn(subscriber::run(spec, ctx.shared.clone())));

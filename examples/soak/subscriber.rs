@@ -78,8 +78,25 @@ pub struct Spec {
     pub floor: i64,
     /// Stop once everything up to here was received (burst clients); else read to `end`.
     pub target: Option<i64>,
+    /// A deliberate client-side fault (the negative control, `--sabotage`).
+    pub sabotage: Option<Sabotage>,
     pub seed: u64,
 }
+
+/// What a sabotaged client does to the 20th event it receives, as if the gateway had
+/// done it: the soak must then report exactly one loss, repeat or swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sabotage {
+    /// Moves its Last-Event-ID past the event without keeping it.
+    Drop,
+    /// Keeps it twice.
+    Repeat,
+    /// Keeps it after the next one.
+    Swap,
+}
+
+/// The 1-based index of the event a sabotaged client tampers with.
+const SABOTAGED_EVENT: u64 = 20;
 
 /// What a client saw.
 pub struct Outcome {
@@ -89,6 +106,9 @@ pub struct Outcome {
     pub latency: Histogram<u64>,
     /// Emit-to-receive of events written by `eventgate run` workers, in µs.
     pub worker_latency: Histogram<u64>,
+    /// Send-to-receive of SQL-written events (from the `t=` stamp), in µs: includes
+    /// waits on a job's row lock behind a slow transaction.
+    pub send_latency: Histogram<u64>,
     /// Got everything it wanted (to `end`, or to its target).
     pub complete: bool,
     /// How long it took from its first connection attempt.
@@ -135,8 +155,11 @@ pub async fn run(spec: Spec, shared: Arc<Shared>) -> Outcome {
         tracker: Tracker::new(spec.floor),
         latency: track::histogram(),
         worker_latency: track::histogram(),
+        send_latency: track::histogram(),
         rng: fastrand::Rng::with_seed(spec.seed),
         pending: Vec::new(),
+        events: 0,
+        held: None,
         shared,
         spec,
     };
@@ -149,6 +172,7 @@ pub async fn run(spec: Spec, shared: Arc<Shared>) -> Outcome {
         tracker: client.tracker,
         latency: client.latency,
         worker_latency: client.worker_latency,
+        send_latency: client.send_latency,
         spec: client.spec,
     }
 }
@@ -159,10 +183,14 @@ struct Client {
     tracker: Tracker,
     latency: Histogram<u64>,
     worker_latency: Histogram<u64>,
+    send_latency: Histogram<u64>,
     rng: fastrand::Rng,
     /// SQL events received before their writer saw the commit acknowledgement:
     /// `(seq, received µs, connection opened µs)`, resolved a little later.
     pending: Vec<(i64, u64, u64)>,
+    /// Events received so far, and one held back (sabotage only).
+    events: u64,
+    held: Option<(i64, u64)>,
 }
 
 enum Closed {
@@ -320,6 +348,38 @@ impl Client {
             });
     }
 
+    /// Applies `--sabotage` to one event; true if the event must not be recorded.
+    fn sabotage(&mut self, seq: i64, hash: u64) -> bool {
+        let Some(sabotage) = self.spec.sabotage else {
+            return false;
+        };
+        self.events += 1;
+        match (sabotage, self.events) {
+            (Sabotage::Drop, SABOTAGED_EVENT) => {
+                self.tracker.last_id = Some(seq);
+                true
+            }
+            (Sabotage::Repeat, SABOTAGED_EVENT) => {
+                self.tracker.record(seq, hash);
+                false
+            }
+            (Sabotage::Swap, SABOTAGED_EVENT) => {
+                self.held = Some((seq, hash));
+                self.tracker.last_id = Some(seq);
+                true
+            }
+            (Sabotage::Swap, n) if n == SABOTAGED_EVENT + 1 => {
+                self.tracker.record(seq, hash);
+                if let Some((held, held_hash)) = self.held.take() {
+                    self.tracker.record(held, held_hash);
+                }
+                self.tracker.last_id = Some(seq);
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn handle(&mut self, message: sse::Message, opened_us: u64, stalled: bool) {
         match message.event.as_str() {
             "queue_event" => {
@@ -340,7 +400,11 @@ impl Client {
                         return;
                     }
                 };
-                let new = self.tracker.record(seq, content_hash(seq, text));
+                let hash = content_hash(seq, text);
+                if self.sabotage(seq, hash) {
+                    return;
+                }
+                let new = self.tracker.record(seq, hash);
                 if !new || stalled || self.spec.slow || self.spec.index.is_none() {
                     return;
                 }
@@ -348,6 +412,10 @@ impl Client {
                 // old events is not a delivery latency), and not on purpose-slow readers.
                 if text.starts_with("sql") {
                     self.pending.push((seq, received_us, opened_us));
+                    if let Some(t) = stamp(text).filter(|&t| t >= opened_us) {
+                        let us = received_us.saturating_sub(t).max(1);
+                        let _ = self.send_latency.record(us.min(3_600_000_000));
+                    }
                 } else if let Some(t) = stamp(text).filter(|&t| t >= opened_us) {
                     // Worker lines: from the moment the command printed the line.
                     let us = received_us.saturating_sub(t).max(1);
