@@ -7,9 +7,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
@@ -94,16 +94,20 @@ pub async fn run(
         slots: crate::limits::StreamSlots::new(config.max_streams_per_client),
     });
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    // HTTP/1.1 and h2c (prior knowledge), chosen per connection by `is_h2`. Not
+    // hyper-util's auto builder: it reads the first bytes into a buffer of its own and
+    // replays them, which makes hyper grow every connection's read buffer to 16 KiB.
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout)
         .keep_alive(true);
-    builder
-        .http2()
+    let http1 = Arc::new(http1);
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(20)));
+    let http2 = Arc::new(http2);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(config.max_connections));
 
@@ -123,19 +127,31 @@ pub async fn run(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream);
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             metrics.connections_refused.inc();
-            tokio::spawn(routes::refuse(io, config.retry_ms));
+            tokio::spawn(routes::refuse(TokioIo::new(stream), config.retry_ms));
             continue;
         };
         metrics.connections.inc();
         let app = app.clone();
         let service = service_fn(move |req| routes::handle(app.clone(), req, peer));
-        let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
-        let metrics = metrics.clone();
+        let (http1, http2, watcher) = (http1.clone(), http2.clone(), graceful.watcher());
+        let (metrics, header_timeout) = (metrics.clone(), config.header_timeout);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // A client that sends nothing is cut off like one that sends headers slowly.
+            let h2 = tokio::time::timeout(header_timeout, is_h2(&stream)).await;
+            let result = match h2 {
+                Ok(Ok(false)) => {
+                    let conn = http1.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn).await
+                }
+                Ok(Ok(true)) => {
+                    let conn = http2.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn).await
+                }
+                Ok(Err(_)) | Err(_) => Ok(()),
+            };
+            if let Err(e) = result {
                 tracing::debug!(client = %peer, error = %e, "connection ended with an error");
             }
             metrics.connections.dec();
@@ -168,6 +184,28 @@ pub async fn run(
     }
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// The connection preface of HTTP/2 with prior knowledge (h2c).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the client opens with the HTTP/2 preface, found by peeking so that hyper
+/// gets the socket untouched.
+async fn is_h2(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 || buf[..n] != H2_PREFACE[..n] {
+            // Closed (hyper sees the end) or not the preface: HTTP/1.
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // Part of the preface so far. The socket stays readable while those bytes
+        // sit unread, so wait a moment instead of spinning.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Keep-alives for every stream, and dropping idle jobs, on one timer each.

@@ -972,6 +972,15 @@ async fn a_slowloris_client_is_cut_off() {
     assert!(read.is_ok(), "the connection was closed by the server");
     let text = String::from_utf8_lossy(&buf);
     assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+
+    // A client that connects and sends nothing at all is cut off too.
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, silent.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "the silent connection was closed by the server"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
