@@ -39,8 +39,10 @@ pub enum Control {
     Stop,
 }
 
-/// One shard of the counters.
+/// One shard of the counters, on its own cache lines.
+#[repr(align(128))]
 struct Shard {
+    delivered: AtomicU64,
     latency: Mutex<Histogram<u64>>,
     reconnect: Mutex<Histogram<u64>>,
 }
@@ -48,8 +50,6 @@ struct Shard {
 /// Counters shared by every stream of one case.
 pub struct Stats {
     shards: Vec<Shard>,
-    /// Events received (all phases).
-    pub delivered: AtomicU64,
     /// Latencies are recorded only while this is set (the measured window).
     pub measuring: AtomicBool,
     /// Streams that got their response headers at least once.
@@ -68,17 +68,25 @@ impl Stats {
         Arc::new(Stats {
             shards: (0..SHARDS)
                 .map(|_| Shard {
+                    delivered: AtomicU64::new(0),
                     latency: Mutex::new(hist()),
                     reconnect: Mutex::new(hist()),
                 })
                 .collect(),
-            delivered: AtomicU64::new(0),
             measuring: AtomicBool::new(false),
             connected: AtomicUsize::new(0),
             http_errors: AtomicU64::new(0),
             drops: AtomicU64::new(0),
             max_seq: (0..connections).map(|_| AtomicI64::new(0)).collect(),
         })
+    }
+
+    /// Events received so far (all phases).
+    pub fn delivered(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.delivered.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Latencies of the measured window, merged (microseconds).
@@ -95,7 +103,8 @@ impl Stats {
 fn merge<'a>(hists: impl Iterator<Item = &'a Mutex<Histogram<u64>>>) -> Histogram<u64> {
     let mut out = Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid bounds");
     for h in hists {
-        out.add(&*h.lock().expect("histogram lock")).expect("same bounds");
+        out.add(&*h.lock().expect("histogram lock"))
+            .expect("same bounds");
     }
     out
 }
@@ -177,9 +186,8 @@ impl Swarm {
                     source,
                     stats: stats.clone(),
                     permits: permits.clone(),
-                    control_rx: control_rx.clone(),
                 };
-                rt.spawn(stream.run())
+                rt.spawn(stream.run(control_rx.clone()))
             })
             .collect();
         Swarm {
@@ -228,7 +236,6 @@ struct Stream {
     source: Ipv4Addr,
     stats: Arc<Stats>,
     permits: Arc<Semaphore>,
-    control_rx: watch::Receiver<Control>,
 }
 
 enum Ended {
@@ -239,13 +246,14 @@ enum Ended {
 }
 
 impl Stream {
-    async fn run(mut self) -> Tracker {
+    async fn run(self, mut control_rx: watch::Receiver<Control>) -> Tracker {
         let mut tracker = Tracker::default();
         let mut first = true;
         let mut dropped_at: Option<Instant> = None;
         let mut buf = vec![0u8; READ_BUF];
+        let mut scratch = Vec::new();
         loop {
-            if *self.control_rx.borrow_and_update() == Control::Stop {
+            if *control_rx.borrow_and_update() == Control::Stop {
                 return tracker;
             }
             let connected = {
@@ -278,8 +286,24 @@ impl Stream {
                     .saturating_record(us.max(1));
             }
             let ended = self
-                .read_loop(&mut socket, parser, &mut tracker, &mut buf)
+                .read_loop(
+                    &mut socket,
+                    parser,
+                    &mut tracker,
+                    &mut buf,
+                    &mut scratch,
+                    &mut control_rx,
+                )
                 .await;
+            let ended = match ended {
+                // Told something: what, now that the read loop let go of the receiver.
+                None => match *control_rx.borrow_and_update() {
+                    Control::Stop => Ended::Stop,
+                    Control::Reconnect(_) => Ended::Reconnect,
+                    Control::Run => Ended::Dropped,
+                },
+                Some(ended) => ended,
+            };
             // RST instead of FIN: no TIME_WAIT left behind by thousands of streams. A zero
             // linger never blocks the thread (the deprecation is about nonzero ones).
             #[allow(deprecated)]
@@ -344,42 +368,46 @@ impl Stream {
         Ok(Ok((stream, parser)))
     }
 
+    /// Reads until the stream ends (`Some`) or a control message arrives (`None`).
     async fn read_loop(
-        &mut self,
+        &self,
         socket: &mut TcpStream,
         mut parser: Parser,
         tracker: &mut Tracker,
         buf: &mut [u8],
-    ) -> Ended {
+        latencies: &mut Vec<u64>,
+        control_rx: &mut watch::Receiver<Control>,
+    ) -> Option<Ended> {
         // Bytes that came with the head.
         let early = std::mem::take(&mut parser.pending);
-        self.consume(&mut parser, tracker, &early);
+        self.consume(&mut parser, tracker, &early, latencies);
+        // One registration for the connection's life, not one per read: 10k streams
+        // re-arming a shared `watch` on every read contend on its waiter list.
+        let changed = control_rx.changed();
+        tokio::pin!(changed);
         loop {
             let n = tokio::select! {
                 read = socket.read(buf) => match read {
-                    Ok(0) | Err(_) => return Ended::Dropped,
+                    Ok(0) | Err(_) => return Some(Ended::Dropped),
                     Ok(n) => n,
                 },
-                changed = self.control_rx.changed() => {
-                    if changed.is_err() {
-                        return Ended::Stop;
-                    }
-                    match *self.control_rx.borrow_and_update() {
-                        Control::Stop => return Ended::Stop,
-                        Control::Reconnect(_) => return Ended::Reconnect,
-                        Control::Run => continue,
-                    }
-                }
+                _ = &mut changed => return None,
             };
-            if !self.consume(&mut parser, tracker, &buf[..n]) {
-                return Ended::Dropped;
+            if !self.consume(&mut parser, tracker, &buf[..n], latencies) {
+                return Some(Ended::Dropped);
             }
         }
     }
 
     /// Feeds bytes through the parser; false when the body ended.
-    fn consume(&self, parser: &mut Parser, tracker: &mut Tracker, bytes: &[u8]) -> bool {
-        let mut latencies: Vec<u64> = Vec::new();
+    fn consume(
+        &self,
+        parser: &mut Parser,
+        tracker: &mut Tracker,
+        bytes: &[u8],
+        latencies: &mut Vec<u64>,
+    ) -> bool {
+        latencies.clear();
         let now = unix_micros();
         let mut delivered = 0u64;
         let open = parser.feed(bytes, |id, seq, t| {
@@ -397,11 +425,13 @@ impl Stream {
             }
         });
         if delivered > 0 {
-            self.stats.delivered.fetch_add(delivered, Ordering::Relaxed);
+            self.shard()
+                .delivered
+                .fetch_add(delivered, Ordering::Relaxed);
             self.stats.max_seq[self.index].store(tracker.max_seq, Ordering::Relaxed);
             if self.stats.measuring.load(Ordering::Relaxed) {
                 let mut h = self.shard().latency.lock().expect("histogram lock");
-                for us in latencies {
+                for &us in latencies.iter() {
                     h.saturating_record(us.min(MAX_LATENCY_US));
                 }
             }

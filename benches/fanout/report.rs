@@ -37,6 +37,10 @@ pub struct Row {
     /// Server CPU over the measured window; 200 % is both cores (shared with the
     /// client, PostgreSQL and the writers).
     pub cpu_pct: f64,
+    /// The bench process (client and writers) over the same window.
+    pub client_cpu_pct: f64,
+    /// The machine's 1-minute load average when the case ended.
+    pub load: f64,
     /// Server memory growth over its baseline before the streams opened, per stream.
     pub rss_per_conn_kib: f64,
     /// Table reads per written batch (the gateway's live reads; polling's polls).
@@ -49,6 +53,9 @@ pub struct Row {
     /// Streams that ended on their own and were resumed, and non-200 answers.
     pub drops: u64,
     pub http_errors: u64,
+    /// Connections the kernel dropped at a full listen queue during the case (the
+    /// client retries after a second: this is what long reconnects are made of).
+    pub listen_overflows: u64,
     pub note: String,
 }
 
@@ -84,9 +91,12 @@ pub fn markdown(rows: &[Row], notes: &[String], header: &str) -> String {
     let _ = writeln!(
         out,
         "| system | case | subs | jobs | ev/s | deliveries/s | of demand | p50 ms | p99 ms | max ms \
-         | gaps | dups | undelivered | CPU % | KiB/conn | reads/batch | note |"
+         | gaps | dups | undelivered | CPU % | client CPU % | KiB/conn | reads/batch | note |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    );
     for r in rows {
         let mut note = r.note.clone();
         if let (Some(p50), Some(p99)) = (r.reconnect_p50_ms, r.reconnect_p99_ms) {
@@ -97,13 +107,16 @@ pub fn markdown(rows: &[Row], notes: &[String], header: &str) -> String {
                 note = format!("{b} backfill reads; {note}");
             }
         }
+        if r.listen_overflows > 0 {
+            note = format!("{} listen-queue overflows; {note}", r.listen_overflows);
+        }
         if r.drops > 0 || r.http_errors > 0 {
             note = format!("{} drops, {} non-200; {note}", r.drops, r.http_errors);
         }
         let idle = r.case == "idle";
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {} | {} |",
             r.system,
             r.case,
             r.subscribers,
@@ -118,6 +131,7 @@ pub fn markdown(rows: &[Row], notes: &[String], header: &str) -> String {
             r.dups,
             r.undelivered,
             r.cpu_pct,
+            r.client_cpu_pct,
             r.rss_per_conn_kib,
             opt(r.reads_per_batch, 2),
             note.trim_end_matches("; ").trim(),
@@ -172,10 +186,16 @@ fn ratios(rows: &[Row]) -> Vec<String> {
                 g.case,
                 g.subscribers,
                 g.rate,
-                n.map_or("-".into(), |n| ratio(g.deliveries_per_s, n.deliveries_per_s)),
+                n.map_or("-".into(), |n| ratio(
+                    g.deliveries_per_s,
+                    n.deliveries_per_s
+                )),
                 n.map_or("-".into(), |n| ratio(g.p99_ms, n.p99_ms)),
                 f.map_or("-".into(), |f| ratio(g.p99_ms, f.p99_ms)),
-                f.map_or("-".into(), |f| ratio(g.deliveries_per_s, f.deliveries_per_s)),
+                f.map_or("-".into(), |f| ratio(
+                    g.deliveries_per_s,
+                    f.deliveries_per_s
+                )),
             )
         })
         .collect()
@@ -223,7 +243,10 @@ pub fn svg(rows: &[Row]) -> String {
         .filter(|v| *v > 0.0)
         .fold(max_p99, f64::min)
         .max(0.1);
-    let (lo, hi) = (min_p99.log10().floor(), max_p99.log10().ceil().max(min_p99.log10().floor() + 1.0));
+    let (lo, hi) = (
+        min_p99.log10().floor(),
+        max_p99.log10().ceil().max(min_p99.log10().floor() + 1.0),
+    );
     let max_sub = *subs.last().unwrap_or(&1) as f64;
     let x_of = |x0: f64, s: usize| x0 + (s as f64 / max_sub) * pw;
     for (c, rate) in rates.iter().enumerate() {
@@ -299,7 +322,11 @@ pub fn svg(rows: &[Row]) -> String {
                     .map(|r| {
                         (
                             r.subscribers,
-                            if panel == 0 { r.deliveries_per_s } else { r.p99_ms },
+                            if panel == 0 {
+                                r.deliveries_per_s
+                            } else {
+                                r.p99_ms
+                            },
                         )
                     })
                     .collect();

@@ -148,7 +148,9 @@ async fn floor_handle(floor: Arc<Floor>, req: Request<Incoming>) -> Response<Bod
         let mut state = channel.state.lock().expect("channel lock");
         let seq = state.0 + 1;
         let mut frame = BytesMut::with_capacity(body.len() + 64);
-        frame.extend_from_slice(format!("id: {seq}\nevent: queue_event\ndata: {{\"seq\":{seq},").as_bytes());
+        frame.extend_from_slice(
+            format!("id: {seq}\nevent: queue_event\ndata: {{\"seq\":{seq},").as_bytes(),
+        );
         frame.extend_from_slice(body.get(1..).unwrap_or_default());
         frame.extend_from_slice(b"\n\n");
         let frame = frame.freeze();

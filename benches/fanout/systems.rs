@@ -139,8 +139,7 @@ impl Server {
             Kind::Eventgate => {
                 let text = http_get(self.addr, "/metrics").ok()?;
                 let live = metric(&text, "eventgate_table_reads_total{purpose=\"live\"}")?;
-                let backfill =
-                    metric(&text, "eventgate_table_reads_total{purpose=\"backfill\"}")?;
+                let backfill = metric(&text, "eventgate_table_reads_total{purpose=\"backfill\"}")?;
                 Some((live, backfill))
             }
             Kind::Polling => {
@@ -319,12 +318,14 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(after.split_whitespace().map(str::to_string).collect())
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
+/// CPU seconds (user + system) used so far by one process.
+pub fn cpu_seconds(pid: u32) -> f64 {
     // utime and stime are fields 14 and 15 of stat, 11 and 12 after the name.
     let Some(fields) = stat_fields(pid) else {
         return 0.0;
     };
-    let ticks: u64 = fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
+    let ticks: u64 =
+        fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     ticks as f64 / hz
@@ -371,4 +372,26 @@ fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
+}
+
+/// The kernel's count of connections dropped because a listen queue was full
+/// (`TcpExt: ListenOverflows`), machine-wide.
+pub fn listen_overflows() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/net/netstat") else {
+        return 0;
+    };
+    let mut lines = text.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let names = names.split_whitespace();
+        let values = values.split_whitespace();
+        for (n, v) in names.zip(values) {
+            if n == "ListenOverflows" {
+                return v.parse().unwrap_or(0);
+            }
+        }
+    }
+    0
 }
