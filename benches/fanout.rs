@@ -179,6 +179,10 @@ fn main() {
         servers::run(&role);
         return;
     }
+    if std::env::args().any(|a| a == "--sizes") {
+        print_sizes();
+        return;
+    }
     let args = parse_args();
     raise_nofile();
     let timing = if args.quick {
@@ -255,7 +259,12 @@ fn main() {
         }
         match Server::start(kind, &url) {
             Ok(server) => {
-                eprintln!("fanout: {} on {}", kind.name(), server.addr);
+                eprintln!(
+                    "fanout: {} on {} (pid {:?})",
+                    kind.name(),
+                    server.addr,
+                    server.pids()
+                );
                 servers.push(server);
             }
             Err(e) => {
@@ -559,4 +568,33 @@ fn raise_nofile() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+/// `--sizes`: bytes of the gateway's per-stream state that every idle stream holds, from
+/// the types alone (what the idle-memory row is made of, besides hyper's buffers).
+fn print_sizes() {
+    fn returned5<F, A, B, C, D, E, R>(_: &F) -> usize
+    where
+        F: Fn(A, B, C, D, E) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+    fn returned3<F, A, B, C, R>(_: &F) -> usize
+    where
+        F: Fn(A, B, C) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+    println!(
+        "eventgate::stream::body (StreamBody, its Subscriber and next() future): {} bytes",
+        returned5(&eventgate::stream::body)
+    );
+    println!(
+        "eventgate::routes::handle future: {} bytes",
+        returned3(&eventgate::routes::handle)
+    );
+    println!(
+        "broadcast::Receiver<hub::Item>: {} bytes",
+        std::mem::size_of::<tokio::sync::broadcast::Receiver<eventgate::hub::Item>>()
+    );
 }

@@ -203,8 +203,18 @@ fn start_gateway(addr: SocketAddr, database_url: &str) -> io::Result<Child> {
     if !status.success() {
         return Err(io::Error::other("eventgate migrate failed"));
     }
-    Command::new(&bin)
-        .args(["serve", "--listen", &addr.to_string()])
+    // A profiler or other wrapper, e.g. "valgrind --tool=callgrind".
+    let prefix = std::env::var("FANOUT_GATEWAY_PREFIX").unwrap_or_default();
+    let mut words = prefix.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(tool) => {
+            let mut cmd = Command::new(tool);
+            cmd.args(words).arg(&bin);
+            cmd
+        }
+        None => Command::new(&bin),
+    };
+    cmd.args(["serve", "--listen", &addr.to_string()])
         .args(["--max-connections", "100000"])
         .args(["--pool-size", &POOL_SIZE.to_string()])
         .env("DATABASE_URL", database_url)
