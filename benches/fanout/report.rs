@@ -220,7 +220,7 @@ pub fn svg(rows: &[Row]) -> String {
     subs.dedup();
     let (pw, ph, ml, mt) = (300.0, 200.0, 70.0, 50.0);
     let cols = rates.len().max(1);
-    let width = ml + cols as f64 * (pw + 40.0) + 120.0;
+    let width = ml + cols as f64 * (pw + 70.0) + 120.0;
     let height = mt + 2.0 * (ph + 70.0);
     let mut out = String::new();
     let _ = writeln!(
@@ -250,7 +250,7 @@ pub fn svg(rows: &[Row]) -> String {
     let max_sub = *subs.last().unwrap_or(&1) as f64;
     let x_of = |x0: f64, s: usize| x0 + (s as f64 / max_sub) * pw;
     for (c, rate) in rates.iter().enumerate() {
-        let x0 = ml + c as f64 * (pw + 40.0);
+        let x0 = ml + c as f64 * (pw + 70.0);
         for panel in 0..2 {
             let y0 = mt + panel as f64 * (ph + 70.0);
             let title = if panel == 0 {
@@ -354,7 +354,7 @@ pub fn svg(rows: &[Row]) -> String {
             }
         }
     }
-    let lx = ml + cols as f64 * (pw + 40.0);
+    let lx = ml + cols as f64 * (pw + 70.0);
     for (i, (system, color)) in COLORS.iter().enumerate() {
         let y = mt + 10.0 + i as f64 * 18.0;
         let _ = writeln!(

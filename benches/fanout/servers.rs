@@ -29,6 +29,8 @@ type Body = UnsyncBoxBody<Bytes, Infallible>;
 const FLOOR_RING: usize = 4096;
 /// Capacity of a floor channel, in frames.
 const FLOOR_CAPACITY: usize = 4096;
+/// Listen queue length (the kernel caps it at `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
 /// The polling interval of the original design.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -44,7 +46,12 @@ pub fn run(role: &str) {
         .build()
         .expect("server runtime");
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        // A listen queue of 4096, not the 128 that `TcpListener::bind` gets from mio:
+        // with 128, a reconnect storm overflows it and clients wait for SYN retries.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+        socket.bind(addr).expect("bind");
+        let listener = socket.listen(LISTEN_BACKLOG).expect("listen");
         match role {
             "floor" => serve(listener, Arc::new(Floor::default()), floor_handle).await,
             "polling" => {

@@ -179,6 +179,10 @@ fn gateway_binary() -> io::Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
+    // Another build of the gateway, to measure a change side by side.
+    if let Some(bin) = std::env::var_os("FANOUT_GATEWAY_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
     let bin = target.join("release").join("eventgate");
     if !bin.exists() {
         eprintln!("fanout: building the release gateway (cargo build --release --bin eventgate)");
