@@ -184,6 +184,7 @@ fn main() {
         return;
     }
     let args = parse_args();
+    client::self_check();
     raise_nofile();
     let timing = if args.quick {
         Timing {

@@ -464,6 +464,8 @@ struct Parser {
     chunk: Chunk,
     /// An incomplete SSE line carried to the next read (or early body bytes).
     pending: Vec<u8>,
+    /// The last line ended with CR: a LF right after it belongs to the same end.
+    after_cr: bool,
     /// Fields of the event being built.
     event_seq: Option<i64>,
     event_t: Option<u64>,
@@ -476,6 +478,7 @@ impl Parser {
             chunked,
             chunk: Chunk::Size(0, false),
             pending: Vec::new(),
+            after_cr: false,
             event_seq: None,
             event_t: None,
             event_id: None,
@@ -533,13 +536,17 @@ impl Parser {
         !matches!(self.chunk, Chunk::Done)
     }
 
-    /// Splits body bytes into lines (LF or CRLF; a lone CR does not occur here).
+    /// Splits body bytes into lines ended by CRLF, LF or CR, as WHATWG says.
     fn lines(
         &mut self,
         mut bytes: &[u8],
         on_event: &mut impl FnMut(Option<&[u8]>, Option<i64>, Option<u64>),
     ) {
-        while let Some(at) = memchr::memchr(b'\n', bytes) {
+        if self.after_cr && bytes.first() == Some(&b'\n') {
+            bytes = &bytes[1..];
+        }
+        self.after_cr = false;
+        while let Some(at) = memchr::memchr2(b'\n', b'\r', bytes) {
             if self.pending.is_empty() {
                 self.line(&bytes[..at], on_event);
             } else {
@@ -549,7 +556,15 @@ impl Parser {
                 line.clear();
                 self.pending = line;
             }
-            bytes = &bytes[at + 1..];
+            let mut next = at + 1;
+            if bytes[at] == b'\r' {
+                match bytes.get(next) {
+                    Some(b'\n') => next += 1,
+                    Some(_) => {}
+                    None => self.after_cr = true,
+                }
+            }
+            bytes = &bytes[next..];
         }
         self.pending.extend_from_slice(bytes);
     }
@@ -559,7 +574,6 @@ impl Parser {
         line: &[u8],
         on_event: &mut impl FnMut(Option<&[u8]>, Option<i64>, Option<u64>),
     ) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
             let id = self.event_id.take();
             let seq = self.event_seq.take();
@@ -598,4 +612,36 @@ fn number_after(haystack: &[u8], key: &[u8]) -> Option<u64> {
         digits += 1;
     }
     (digits > 0).then_some(value)
+}
+
+/// Checks the parser on a chunked body split at every byte, with LF, CRLF and CR line
+/// ends; run at the start of every bench so a client bug cannot pass for a server's.
+pub fn self_check() {
+    let body: &[u8] = b"retry: 2000\n\nid: 1\nevent: queue_event\n\
+        data: {\"seq\":1,\"payload\":{\"t\": 5}}\n\n: keep-alive\r\n\r\n\
+        id: 2\r\ndata: {\"seq\":2,\"t\":7}\r\rid: 3\ndata: {\"seq\":3,\"t\":9}\n\n";
+    let mut wire = Vec::new();
+    for part in body.chunks(7) {
+        wire.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        wire.extend_from_slice(part);
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    let want = vec![
+        (Some(b"1".to_vec()), Some(1), Some(5)),
+        (Some(b"2".to_vec()), Some(2), Some(7)),
+        (Some(b"3".to_vec()), Some(3), Some(9)),
+    ];
+    for split in 1..wire.len() {
+        let mut parser = Parser::new(true);
+        let mut seen = Vec::new();
+        let mut open = true;
+        for piece in [&wire[..split], &wire[split..]] {
+            open = parser.feed(piece, |id, seq, t| {
+                seen.push((id.map(<[u8]>::to_vec), seq, t))
+            });
+        }
+        assert_eq!(seen, want, "SSE parser, split at {split}");
+        assert!(!open, "the last chunk ends the body");
+    }
 }

@@ -173,16 +173,22 @@ impl Drop for Server {
     }
 }
 
-/// The release gateway, built first if missing.
+/// The release gateway: the one `cargo bench` built along with this bench (so never
+/// stale), else `target/release/eventgate`, built first if missing.
 fn gateway_binary() -> io::Result<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
     // Another build of the gateway, to measure a change side by side.
     if let Some(bin) = std::env::var_os("FANOUT_GATEWAY_BIN") {
         return Ok(PathBuf::from(bin));
     }
+    if let Some(bin) = option_env!("CARGO_BIN_EXE_eventgate").map(PathBuf::from) {
+        if bin.exists() {
+            return Ok(bin);
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     let bin = target.join("release").join("eventgate");
     if !bin.exists() {
         eprintln!("fanout: building the release gateway (cargo build --release --bin eventgate)");
