@@ -434,7 +434,13 @@ fn run_case(
         };
     }
 
-    let writers = Writers::start(server.kind, server.addr, url, jobs.clone(), case.rate);
+    let writers = Writers::start(
+        server.kind,
+        server.publish_addr,
+        url,
+        jobs.clone(),
+        case.rate,
+    );
     std::thread::sleep(timing.warm);
     let cpu0 = server.cpu_seconds();
     let own0 = systems::cpu_seconds(std::process::id());

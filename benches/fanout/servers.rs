@@ -53,7 +53,30 @@ pub fn run(role: &str) {
         socket.bind(addr).expect("bind");
         let listener = socket.listen(LISTEN_BACKLOG).expect("listen");
         match role {
-            "floor" => serve(listener, Arc::new(Floor::default()), floor_handle).await,
+            "floor" => {
+                let floor = Arc::new(Floor::default());
+                // Publishes come in on their own port, served by their own thread, so
+                // the writer is never queued behind the fan-out it causes: the floor's
+                // rate is the demanded one, as it should be for an upper bound.
+                let publish: SocketAddr = std::env::var("FANOUT_PUBLISH_LISTEN")
+                    .expect("FANOUT_PUBLISH_LISTEN")
+                    .parse()
+                    .expect("a socket address");
+                let publisher = floor.clone();
+                std::thread::spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("publish runtime")
+                        .block_on(async move {
+                            let listener = tokio::net::TcpListener::bind(publish)
+                                .await
+                                .expect("bind the publish port");
+                            serve(listener, publisher, floor_handle).await
+                        })
+                });
+                serve(listener, floor, floor_handle).await
+            }
             "polling" => {
                 let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
                 let pool = eventgate::db::pool(&url, crate::systems::POOL_SIZE).expect("pool");

@@ -41,6 +41,8 @@ impl Kind {
 pub struct Server {
     pub kind: Kind,
     pub addr: SocketAddr,
+    /// Where writers publish (the floor has a port of its own for it).
+    pub publish_addr: SocketAddr,
     child: Child,
     /// nginx's temp dir.
     dir: Option<PathBuf>,
@@ -50,6 +52,11 @@ impl Server {
     pub fn start(kind: Kind, database_url: &str) -> io::Result<Server> {
         let port = free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let publish_addr: SocketAddr = if kind == Kind::Floor {
+            ([127, 0, 0, 1], free_port()?).into()
+        } else {
+            addr
+        };
         let (child, dir) = match kind {
             Kind::Eventgate => (start_gateway(addr, database_url)?, None),
             Kind::Nchan => {
@@ -61,6 +68,7 @@ impl Server {
                 let child = Command::new(exe)
                     .env(crate::ROLE_ENV, kind.name())
                     .env("FANOUT_LISTEN", addr.to_string())
+                    .env("FANOUT_PUBLISH_LISTEN", publish_addr.to_string())
                     .env("DATABASE_URL", database_url)
                     .stdin(Stdio::null())
                     .spawn()?;
@@ -70,6 +78,7 @@ impl Server {
         let mut server = Server {
             kind,
             addr,
+            publish_addr,
             child,
             dir,
         };
@@ -86,7 +95,9 @@ impl Server {
                     self.kind.name()
                 )));
             }
-            if TcpStream::connect(self.addr).is_ok() {
+            if TcpStream::connect(self.addr).is_ok()
+                && TcpStream::connect(self.publish_addr).is_ok()
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
