@@ -4,7 +4,7 @@
 -- NOTIFY and holds it through the WAL flush, so a NOTIFY per write batch caps the whole
 -- database at a few thousand batches per second. Here a statement notifies only when
 --   * its job's last notification is older than `eventgate.notify_debounce`
---     (default 1 s), and
+--     (default 50 ms), and
 --   * no statement of ANY job notified in the last `eventgate.notify_global_interval`
 --     (default 10 ms; kept in a sequence, which is not transactional, so writers never
 --     wait on each other for it).
@@ -39,11 +39,11 @@ BEGIN
     IF mode <> 'always' THEN
         BEGIN
             debounce := coalesce(nullif(current_setting('eventgate.notify_debounce', true), ''),
-                                 '1 second')::interval;
+                                 '50 milliseconds')::interval;
             global := coalesce(nullif(current_setting('eventgate.notify_global_interval', true), ''),
                                '10 milliseconds')::interval;
         EXCEPTION WHEN others THEN
-            debounce := interval '1 second';
+            debounce := interval '50 milliseconds';
             global := interval '10 milliseconds';
         END;
         now_ms := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;

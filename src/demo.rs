@@ -37,8 +37,7 @@ pub async fn run(
     };
     crate::db::migrate(&url).await?;
     config.database_url = url.clone();
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
+    let listener = crate::server::bind(listen)
         .map_err(|e| Error::config(format!("cannot listen on {listen}: {e}")))?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -99,8 +99,10 @@ struct State {
     end: Option<End>,
     /// A read task is running for this job.
     reading: bool,
-    /// A notification arrived while the read task ran: read again.
+    /// A wake arrived while the read task ran...
     dirty: bool,
+    /// ...asking for events up to this seq: read again only if the read fell short.
+    wanted: i64,
     /// When the last subscriber left (the janitor's clock).
     idle_since: Option<Instant>,
 }
@@ -260,6 +262,7 @@ impl Hub {
             }
             if state.reading {
                 state.dirty = true;
+                state.wanted = state.wanted.max(max_seq);
                 return;
             }
             state.reading = true;
@@ -313,7 +316,12 @@ impl Hub {
                 job.lock().reading = false;
                 return;
             }
-            let after = job.lock().last_seq;
+            let after = {
+                let mut state = job.lock();
+                state.dirty = false;
+                state.wanted = 0;
+                state.last_seq
+            };
             let events = match self.read(job.id, after).await {
                 Ok(events) => {
                     backoff.reset();
@@ -348,11 +356,14 @@ impl Hub {
                 }
             }
             let mut state = job.lock();
-            if full || state.dirty {
-                state.dirty = false;
+            // Read again when the page was full, or when a wake that came during the
+            // read asked for more than it found (its events committed after our read's
+            // snapshot). A wake for what we just read costs nothing.
+            if full || (state.dirty && state.wanted > state.last_seq) {
                 continue;
             }
             state.reading = false;
+            state.dirty = false;
             return;
         }
     }
@@ -425,6 +436,7 @@ impl Job {
                 end,
                 reading: false,
                 dirty: false,
+                wanted: 0,
                 idle_since: None,
             }),
         }

@@ -219,11 +219,9 @@ fn main() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> Result<(), eventgate::Error> {
     let config = args.gateway.config(args.db.database_url);
-    let listener = tokio::net::TcpListener::bind(args.gateway.listen)
-        .await
-        .map_err(|e| {
-            eventgate::Error::config(format!("cannot listen on {}: {e}", args.gateway.listen))
-        })?;
+    let listener = eventgate::server::bind(args.gateway.listen).map_err(|e| {
+        eventgate::Error::config(format!("cannot listen on {}: {e}", args.gateway.listen))
+    })?;
     eventgate::server::run(listener, config, eventgate::server::shutdown_signal()).await
 }
 

@@ -157,7 +157,10 @@ pub async fn handle(
     if req.method() == Method::OPTIONS && req.headers().contains_key(header::ORIGIN) {
         return Ok(preflight(origin));
     }
-    let mut res = match route(&app, req, peer).await {
+    // Boxed: hyper keeps room for this future in every connection for its whole life,
+    // and the routes' futures (database calls) are large. Boxed, the room is a pointer
+    // and the large future lives only while a request is being handled.
+    let mut res = match Box::pin(route(&app, req, peer)).await {
         Ok(res) => res,
         Err(e) => e.response(Some(retry)),
     };
@@ -801,12 +804,10 @@ fn status_stream(app: &App, grant: Grant) -> Response<Body> {
                         }
                         return Some((Ok(hyper::body::Frame::data(bytes)), Some(rx)));
                     }
-                    Ok(None) | Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        return None
-                    }
-                    // A lagging list page misses some changes; it re-reads the list on this
-                    // comment-free gap anyway when it reconnects, so skip ahead.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    // A list page that fell behind would miss changes: end the stream
+                    // instead, so it reconnects and re-reads the list (as it does after
+                    // any reconnect). Never a silent skip.
+                    Ok(None) | Err(_) => return None,
                 }
             }
         }

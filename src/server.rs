@@ -23,6 +23,22 @@ use crate::status::StatusFeed;
 /// How often idle jobs are looked for.
 const JANITOR_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Backlog of the listening socket: a reconnect storm of thousands of clients must
+/// queue, not overflow (the kernel caps it at `net.core.somaxconn`).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listening socket with `LISTEN_BACKLOG` (tokio's `bind` uses 1024).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Runs a gateway on `listener` until `shutdown` completes, then drains: streams are
 /// told to come back later and end, and connections get `shutdown_grace` to finish.
 pub async fn run(

@@ -110,7 +110,9 @@ impl Subscriber {
                     return Some(sse::retry_frame(self.options.retry_ms));
                 }
                 Phase::CatchUp => {
-                    if let Err(e) = self.catch_up().await {
+                    // Boxed: the table read's future is large and rare; inline, it
+                    // would be part of every idle subscriber's state.
+                    if let Err(e) = Box::pin(self.catch_up()).await {
                         tracing::warn!(job = %self.subscription.job.id(), error = %e,
                             "backfill failed; ending the stream so the client resumes");
                         self.set_phase(Phase::Done);

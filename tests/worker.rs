@@ -383,11 +383,11 @@ async fn a_postgresql_restart_during_a_run_loses_nothing() {
     .unwrap();
     let out = worker.wait_with_output().await.unwrap();
 
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("database unreachable"),
+        "the restart was felt: {stderr}"
     );
     assert_eq!(status(&url, job).await.as_deref(), Some("succeeded"));
     let events = events(&url, job).await;
@@ -460,4 +460,65 @@ async fn an_outage_longer_than_the_buffer_drops_the_oldest_and_says_so() {
     assert_eq!(stored.last().map(String::as_str), Some("last"));
     assert_eq!(final_status(&events)["droppedLines"], dropped_lines);
     drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_gone_for_good_still_lets_the_worker_exit_with_the_code() {
+    let cluster = own_cluster();
+    let url = fresh_database_on(&cluster.url()).await;
+    let job = create_job(&url).await;
+    let gate = std::env::temp_dir().join(format!("eventgate-gate-{job}"));
+    let script = format!(
+        "echo ready; while [ ! -e '{gate}' ]; do sleep 0.05; done; echo lost; exit 5",
+        gate = gate.display()
+    );
+    let worker = worker(
+        &url,
+        job,
+        &["--drain-timeout", "1s"],
+        &["sh", "-c", &script],
+    )
+    .spawn()
+    .unwrap();
+
+    wait_for_line(&url, job, "ready").await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.stop().expect("stop");
+        cluster
+    })
+    .await
+    .unwrap();
+    std::fs::write(&gate, b"go").unwrap();
+    let out = worker.wait_with_output().await.unwrap();
+    std::fs::remove_file(&gate).unwrap();
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains("were not stored"),
+        "the loss is reported: {stderr}"
+    );
+    assert!(stderr.contains("could not record the status"), "{stderr}");
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unfinished_line_is_shown_early_and_joins_up() {
+    let url = fresh_database().await;
+    let job = create_job(&url).await;
+
+    let script = "printf 'Downloading the big thing'; sleep 1; echo ' done'";
+    let code = run_sh(&url, job, &["--partial-line-after", "100ms"], script).await;
+
+    assert_eq!(code, 0);
+    let events = events(&url, job).await;
+    assert_eq!(
+        lines(&events, "stdout"),
+        vec!["Downloading the big thing done"]
+    );
+    let early = events
+        .iter()
+        .find(|e| e.message.ends_with(SPLIT_MARKER))
+        .expect("a piece was stored before the line ended");
+    assert_eq!(early.message, format!("Downloading the {SPLIT_MARKER}"));
 }

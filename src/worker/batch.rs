@@ -73,7 +73,14 @@ impl Batcher {
                 take = memchr(b'\n', text.as_bytes()).map_or(text.len(), |i| i + 1);
             }
             let piece = &text[..take];
-            let mut event_text = String::with_capacity(self.max_event.min(text.len()));
+            // Room for the whole event when more is likely to follow (a flood), so
+            // the String never grows past it.
+            let capacity = if text.len() >= self.max_event / 2 {
+                self.max_event
+            } else {
+                take
+            };
+            let mut event_text = String::with_capacity(capacity);
             event_text.push_str(piece);
             self.events.push(Event {
                 kind,

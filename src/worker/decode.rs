@@ -59,6 +59,11 @@ impl Decoder {
         &self.line
     }
 
+    /// Whether the last read ended inside a character (the writer is mid-write).
+    pub fn in_character(&self) -> bool {
+        !self.tail.is_empty()
+    }
+
     /// Removes the first `len` bytes of the unfinished line (a char boundary), for a
     /// line that is emitted in pieces.
     pub fn drain_partial(&mut self, len: usize) {

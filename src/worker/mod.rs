@@ -69,17 +69,20 @@ pub const DEFAULT_MAX_STATEMENTS_PER_SEC: f64 = 20.0;
 /// Longest line stored as one; longer ones are cut with [`SPLIT_MARKER`].
 pub const DEFAULT_MAX_LINE_BYTES: usize = 32 * 1024;
 /// Bound of the queue between the pipes and the database.
-pub const DEFAULT_BUFFER_BYTES: usize = 32 * 1024 * 1024;
+pub const DEFAULT_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 /// Longest a pipe waits for room in a full queue while the database is up before the
 /// oldest output is dropped (and reported).
 pub const DEFAULT_MAX_STALL: Duration = Duration::from_secs(10);
 /// An unfinished line (a prompt, a progress bar) is shown after this long.
-pub const DEFAULT_PARTIAL_LINE_AFTER: Duration = Duration::from_secs(1);
+pub const DEFAULT_PARTIAL_LINE_AFTER: Duration = Duration::from_secs(3);
 /// Time the command has after SIGTERM before SIGKILL, when the worker is stopped.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(10);
 /// After the command exits, how long its pipes may stay open and silent (held by a
 /// background process it left) before the worker stops reading them.
 pub const DEFAULT_EOF_GRACE: Duration = Duration::from_secs(5);
+/// After the command exits, how long an unreachable database is retried before the
+/// worker gives up on what it still holds (reported on stderr) and exits.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long to retry reaching the database before the command is started.
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Level of stderr events (stdout is always `info`).
@@ -123,6 +126,17 @@ pub struct RunArgs {
         hide_env_values = true
     )]
     pub redact: Vec<String>,
+    /// The knobs (boxed: they would make every `Command` of the CLI as large).
+    #[command(flatten)]
+    pub knobs: Box<Knobs>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// The tuning flags of `eventgate run`; each unset one takes its `DEFAULT_*`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Knobs {
     /// Batch wait after the first line [default: 50ms].
     #[arg(long, env = "EVENTGATE_LINGER", value_parser = parse_duration)]
     pub linger: Option<Duration>,
@@ -138,13 +152,13 @@ pub struct RunArgs {
     /// Longest line kept whole, in bytes [default: 32768].
     #[arg(long, env = "EVENTGATE_MAX_LINE_BYTES")]
     pub max_line_bytes: Option<usize>,
-    /// Bound of the output queue in bytes [default: 33554432].
+    /// Bound of the output queue in bytes [default: 16777216].
     #[arg(long, env = "EVENTGATE_BUFFER_BYTES")]
     pub buffer_bytes: Option<usize>,
     /// Longest wait for room in a full queue while the database is up [default: 10s].
     #[arg(long, env = "EVENTGATE_MAX_STALL", value_parser = parse_duration)]
     pub max_stall: Option<Duration>,
-    /// Show an unfinished line after this long [default: 1s].
+    /// Show an unfinished line after this long [default: 3s].
     #[arg(long, env = "EVENTGATE_PARTIAL_LINE_AFTER", value_parser = parse_duration)]
     pub partial_line_after: Option<Duration>,
     /// Time between SIGTERM and SIGKILL when stopped [default: 10s].
@@ -153,18 +167,29 @@ pub struct RunArgs {
     /// How long pipes left open after the exit may stay silent [default: 5s].
     #[arg(long, env = "EVENTGATE_EOF_GRACE", value_parser = parse_duration)]
     pub eof_grace: Option<Duration>,
+    /// How long to retry an unreachable database after the exit [default: 5m].
+    #[arg(long, env = "EVENTGATE_DRAIN_TIMEOUT", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
     /// How long to retry the database before starting the command [default: 30s].
     #[arg(long, env = "EVENTGATE_STARTUP_TIMEOUT", value_parser = parse_duration)]
     pub startup_timeout: Option<Duration>,
     /// Level of stderr events [default: info].
     #[arg(long, env = "EVENTGATE_STDERR_LEVEL", value_parser = parse_level)]
     pub stderr_level: Option<Level>,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
-    pub command: Vec<String>,
+    /// NOTIFY per batch: `debounced` (the database's default), `off` for bulk
+    /// output (the gateway's counter poll delivers it) or `always`.
+    #[arg(long, env = "EVENTGATE_NOTIFY", value_parser = ["debounced", "off", "always"])]
+    pub notify: Option<String>,
 }
 
 impl RunArgs {
+    /// The knobs, defaults filled in.
+    pub fn settings(&self) -> Settings {
+        self.knobs.settings()
+    }
+}
+
+impl Knobs {
     /// The knobs, defaults filled in.
     pub fn settings(&self) -> Settings {
         let d = Settings::default();
@@ -181,8 +206,10 @@ impl RunArgs {
             partial_line_after: self.partial_line_after.unwrap_or(d.partial_line_after),
             kill_grace: self.kill_grace.unwrap_or(d.kill_grace),
             eof_grace: self.eof_grace.unwrap_or(d.eof_grace),
+            drain_timeout: self.drain_timeout.unwrap_or(d.drain_timeout),
             startup_timeout: self.startup_timeout.unwrap_or(d.startup_timeout),
             stderr_level: self.stderr_level.unwrap_or(d.stderr_level),
+            notify: self.notify.clone().filter(|m| m != "debounced"),
         }
     }
 }
@@ -227,8 +254,12 @@ pub struct Settings {
     pub partial_line_after: Duration,
     pub kill_grace: Duration,
     pub eof_grace: Duration,
+    pub drain_timeout: Duration,
     pub startup_timeout: Duration,
     pub stderr_level: Level,
+    /// `eventgate.notify` for the worker's session (`off`, `always`); `None` keeps the
+    /// database's setting (debounced). See `sql/0002_debounced_notify.sql`.
+    pub notify: Option<String>,
 }
 
 impl Default for Settings {
@@ -244,8 +275,10 @@ impl Default for Settings {
             partial_line_after: DEFAULT_PARTIAL_LINE_AFTER,
             kill_grace: DEFAULT_KILL_GRACE,
             eof_grace: DEFAULT_EOF_GRACE,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             stderr_level: DEFAULT_STDERR_LEVEL,
+            notify: None,
         }
     }
 }
@@ -292,8 +325,11 @@ pub struct Outcome {
     pub statements: u64,
     /// Output dropped because the database could not keep up.
     pub dropped: Dropped,
-    /// Lines the database refused (for a reason other than being unreachable).
+    /// Lines not stored: refused by the database, or still held when the drain
+    /// timeout gave up on an unreachable database.
     pub unstored_lines: u64,
+    /// Whether the final status made it into the job.
+    pub status_recorded: bool,
 }
 
 /// Builds a [`Worker`].
@@ -406,7 +442,15 @@ impl Worker {
             return Err(Error::config("no command to run"));
         };
         let settings = &self.settings;
-        let config = crate::db::config(&self.database_url)?;
+        let mut config = crate::db::config(&self.database_url)?;
+        if let Some(mode) = &settings.notify {
+            // A startup option of the session, kept across reconnects.
+            let options = format!(
+                "{} -c eventgate.notify={mode}",
+                config.get_options().unwrap_or_default()
+            );
+            config.options(options.trim());
+        }
         let redactor = Arc::new(self.redactor(&config));
         let buffer = Arc::new(buffer::Buffer::new(
             settings.buffer_bytes,
@@ -414,6 +458,7 @@ impl Worker {
             2,
         ));
         let mut sink = writer::Sink::new(config, self.job, buffer.clone());
+        let give_up_at = sink.give_up_at();
         let name = job_name(&redactor, command);
         sink.start(
             self.create,
@@ -469,6 +514,7 @@ impl Worker {
             }
         };
 
+        let _ = give_up_at.set(Instant::now() + settings.drain_timeout);
         wait_for_readers(readers, &progress, settings.eof_grace).await;
         let (mut sink, written) = writer
             .await
@@ -492,7 +538,19 @@ impl Worker {
         if written.unstored_lines > 0 {
             detail["unstoredLines"] = json!(written.unstored_lines);
         }
-        sink.finish(status.as_str(), &detail).await?;
+        let status_recorded = match sink.finish(status.as_str(), &detail).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, status = status.as_str(), "could not record the status");
+                false
+            }
+        };
+        if written.unstored_lines > 0 {
+            tracing::error!(
+                lines = written.unstored_lines,
+                "output lines were not stored"
+            );
+        }
         Ok(Outcome {
             status,
             exit_code,
@@ -502,6 +560,7 @@ impl Worker {
             statements: written.statements,
             dropped,
             unstored_lines: written.unstored_lines,
+            status_recorded,
         })
     }
 
@@ -551,6 +610,7 @@ impl Worker {
             statements: 1,
             dropped: Dropped::default(),
             unstored_lines: 0,
+            status_recorded: true,
         })
     }
 }

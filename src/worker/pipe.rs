@@ -3,11 +3,16 @@
 //! Runs as its own task per pipe, so stdout and stderr drain concurrently and neither
 //! waits for the database (only for room in the [`Buffer`]).
 //!
-//! Redaction needs whole lines. An unfinished line is emitted early in two cases: it
-//! grew past `max_line` bytes, or it sat unfinished for `partial_after` (a prompt, a
-//! progress bar without newline). Then it is cut with [`SPLIT_MARKER`], and the last
-//! [`Redactor::overlap`] bytes are held back, unredacted, with the rest of the line:
-//! a secret that began before the cut and ends in a later read is still seen whole.
+//! Redaction needs whole lines. An unfinished line is emitted early in two cases, cut
+//! with [`SPLIT_MARKER`] and with a tail held back, unredacted, with the rest of the
+//! line, so that a secret that began before the cut and ends in a later read is still
+//! seen whole:
+//!
+//! - it grew past `max_line` bytes: the last [`Redactor::overlap`] bytes are held;
+//! - it sat unfinished for `partial_after` (a prompt, a progress bar): held are the
+//!   last two words (a token being printed, or `Bearer <token>`; token patterns have
+//!   no other spaces), at least the longest literal secret, and everything from a
+//!   `-----` on (a private key fence).
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,10 +71,14 @@ impl Reader {
                         Ok(read) => read,
                         Err(_) => {
                             partial_deadline = None;
-                            let len = decoder.partial().len();
-                            if len > self.overlap() {
-                                self.emit_partial(&mut decoder, &mut state, len - self.overlap())
-                                    .await;
+                            // Not while a character is half written: more is coming.
+                            let cut = if decoder.in_character() {
+                                0
+                            } else {
+                                self.timed_cut(decoder.partial())
+                            };
+                            if cut > 0 {
+                                self.emit_partial(&mut decoder, &mut state, cut).await;
                             }
                             continue;
                         }
@@ -80,7 +89,9 @@ impl Reader {
                 Ok(0) => break Ok(()),
                 Ok(n) => {
                     self.progress.fetch_add(n as u64, Ordering::Relaxed);
-                    let mut lines = String::new();
+                    // Sized up front: the queue counts bytes of text, so a String
+                    // must not hold twice that in capacity.
+                    let mut lines = String::with_capacity(n + decoder.partial().len() + 8);
                     if decoder.feed(&buf[..n], &mut lines) > 0 {
                         partial_deadline = None;
                         self.emit(lines, &mut state).await;
@@ -111,6 +122,29 @@ impl Reader {
     /// emits something.
     fn overlap(&self) -> usize {
         self.redactor.overlap().min(self.max_line / 2)
+    }
+
+    /// Where an unfinished line that waited too long may be cut (see the module docs).
+    fn timed_cut(&self, partial: &str) -> usize {
+        let mut cut = partial
+            .len()
+            .saturating_sub(self.redactor.longest_literal());
+        let before_last_words = {
+            let mut rest = partial.trim_end();
+            for _ in 0..2 {
+                rest = rest.trim_end_matches(|c: char| !c.is_whitespace());
+                rest = rest.trim_end();
+            }
+            // Keep the whitespace before the held words with the emitted piece.
+            partial[rest.len()..]
+                .find(|c: char| !c.is_whitespace())
+                .map_or(partial.len(), |i| rest.len() + i)
+        };
+        cut = cut.min(before_last_words);
+        if let Some(fence) = partial.find("-----") {
+            cut = cut.min(fence);
+        }
+        cut
     }
 
     /// Queues whole lines.
@@ -207,6 +241,86 @@ fn floor_char_boundary(text: &str, mut at: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use tokio::io::AsyncWriteExt;
+
+    /// Feeds `writes` to a reader as separate reads; returns the queued text.
+    async fn read_through(redactor: Redactor, max_line: usize, writes: &[&str]) -> String {
+        read_through_timed(redactor, max_line, Duration::from_secs(3600), writes).await
+    }
+
+    async fn read_through_timed(
+        redactor: Redactor,
+        max_line: usize,
+        partial_after: Duration,
+        writes: &[&str],
+    ) -> String {
+        let buffer = Arc::new(Buffer::new(1 << 20, Duration::from_secs(1), 1));
+        let reader = Reader {
+            stream: Stream::Stdout,
+            redactor: Arc::new(redactor),
+            buffer: buffer.clone(),
+            max_line,
+            partial_after,
+            progress: Arc::new(AtomicU64::new(0)),
+        };
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(reader.run(rx));
+        for write in writes {
+            tx.write_all(write.as_bytes()).await.unwrap();
+            // Let the reader take this write alone (and time out on it).
+            tokio::time::sleep(partial_after.min(Duration::from_millis(20)) * 5).await;
+        }
+        drop(tx);
+        task.await.unwrap().unwrap();
+        let taken = buffer.take(usize::MAX);
+        taken.chunks.iter().map(|c| c.text.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_secret_across_a_forced_cut_is_still_redacted() {
+        let secret = "secret-spanning-the-cut";
+        let head = format!("{}{}", "a".repeat(250), &secret[..8]);
+        let tail = format!("{}{}\n", &secret[8..], "b".repeat(500));
+        let text = read_through(Redactor::new([secret]), 256, &[&head, &tail]).await;
+        assert!(
+            !text.contains(secret) && !text.contains(&secret[8..]),
+            "{text}"
+        );
+        assert!(text.contains(SPLIT_MARKER), "the line was cut");
+        let joined = text.replace(&format!("{SPLIT_MARKER}\n"), "");
+        let expected = format!(
+            "{}{}{}\n",
+            "a".repeat(250),
+            redact::REDACTED,
+            "b".repeat(500)
+        );
+        assert_eq!(joined, expected);
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_line_shows_after_a_while_but_not_its_last_words() {
+        let m = SPLIT_MARKER;
+        let token = format!("ghp_{}", "x1".repeat(18));
+        let writes = [
+            "Progress: step one two",
+            " done\n",
+            "auth Bearer ",
+            &token[..10],
+            &format!("{} ok\n", &token[10..]),
+        ];
+        let text = read_through_timed(
+            Redactor::new(Vec::<String>::new()),
+            4096,
+            Duration::from_millis(10),
+            &writes,
+        )
+        .await;
+        assert_eq!(
+            text,
+            format!("Progress: step {m}\none two done\nauth {m}\nBearer [REDACTED] ok\n")
+        );
+    }
 
     #[test]
     fn splits_only_long_lines() {

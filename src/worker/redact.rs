@@ -108,6 +108,11 @@ impl Redactor {
         self.longest_literal.max(TOKEN_OVERLAP)
     }
 
+    /// The length of the longest literal secret form.
+    pub fn longest_literal(&self) -> usize {
+        self.longest_literal
+    }
+
     /// The merged byte ranges of `text` to redact, in order. Updates `state` as if all
     /// of `text` had been emitted.
     pub fn ranges(&self, text: &str, state: &mut State) -> Vec<Range<usize>> {

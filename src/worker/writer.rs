@@ -6,12 +6,14 @@
 //! its first line, but never sooner than `1 / max_statements_per_sec` after the
 //! previous statement.
 //!
-//! Connection errors are retried forever with capped exponential backoff (the buffer
-//! meanwhile drops its oldest output once full, and says so). Each event gets its id
+//! Connection errors are retried with capped exponential backoff (the buffer meanwhile
+//! drops its oldest output once full, and says so): while the command runs, forever;
+//! once it has exited, until the drain timeout, so that a database gone for good
+//! cannot keep the worker from exiting with the command's code. Each event gets its id
 //! here, so after an error that leaves it unknown whether the statement committed, a
 //! look-up of the first id tells, and nothing is stored twice.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
@@ -45,6 +47,9 @@ pub struct Sink {
     backoff: Duration,
     buffer: Arc<Buffer>,
     down_since: Option<Instant>,
+    /// Once set (when the command has exited), connection errors after this instant
+    /// are given up instead of retried.
+    give_up_at: Arc<OnceLock<Instant>>,
 }
 
 impl Sink {
@@ -56,7 +61,19 @@ impl Sink {
             backoff: BACKOFF_START,
             buffer,
             down_since: None,
+            give_up_at: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Where to set the instant after which an unreachable database is given up.
+    pub fn give_up_at(&self) -> Arc<OnceLock<Instant>> {
+        self.give_up_at.clone()
+    }
+
+    fn given_up(&self, e: &tokio_postgres::Error) -> Option<Error> {
+        let deadline = self.give_up_at.get()?;
+        (Instant::now() >= *deadline)
+            .then(|| Error::db(format!("database unreachable, gave up: {e}")))
     }
 
     async fn client(&mut self) -> Result<&mut Client, tokio_postgres::Error> {
@@ -180,6 +197,9 @@ impl Sink {
                     return Ok(());
                 }
                 Err(e) if is_connection_error(&e) => {
+                    if let Some(gave_up) = self.given_up(&e) {
+                        return Err(gave_up);
+                    }
                     maybe_stored = true;
                     self.lost(&e).await;
                 }
@@ -221,7 +241,12 @@ impl Sink {
                     self.recovered();
                     return Ok(());
                 }
-                Err(e) if is_connection_error(&e) => self.lost(&e).await,
+                Err(e) if is_connection_error(&e) => {
+                    if let Some(gave_up) = self.given_up(&e) {
+                        return Err(gave_up);
+                    }
+                    self.lost(&e).await
+                }
                 Err(e) => return Err(e.into()),
             }
         }
