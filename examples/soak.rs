@@ -400,7 +400,8 @@ async fn soak(args: Args) -> Result<bool, String> {
     finish_jobs(&url, &all_jobs).await?;
 
     // Every subscriber reads to its end, within a deadline.
-    let drain = Duration::from_secs(60 + args.duration / 10);
+    // Slow readers of a job flooded by the last stall need a while to catch up.
+    let drain = Duration::from_secs(120 + args.duration / 10);
     let give_up_at = tokio::time::Instant::now() + drain;
     {
         let shared = shared.clone();
