@@ -31,6 +31,19 @@ async fn listen(url: &str) -> (tokio_postgres::Client, mpsc::UnboundedReceiver<S
     (client, rx)
 }
 
+/// The next `n` notification payloads, waiting for each.
+async fn next_notifications(rx: &mut mpsc::UnboundedReceiver<String>, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let next = tokio::time::timeout(PATIENCE, rx.recv()).await;
+        got.push(
+            next.expect("a notification in time")
+                .expect("listener alive"),
+        );
+    }
+    got
+}
+
 fn drain(rx: &mut mpsc::UnboundedReceiver<String>) -> Vec<String> {
     let mut out = Vec::new();
     while let Ok(p) = rx.try_recv() {
@@ -113,10 +126,7 @@ async fn plain_writers_still_wake_an_idle_gateway_at_once_and_always_means_alway
 
     // A quiet job: its first statement notifies, with the hint payload.
     insert(&db, job, 3, "hello").await;
-    let first = tokio::time::timeout(PATIENCE, rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let first = next_notifications(&mut rx, 1).await.remove(0);
     assert_eq!(first, format!("{job}:3"));
 
     // `always`: one per statement, the behaviour before debouncing.
@@ -127,15 +137,7 @@ async fn plain_writers_still_wake_an_idle_gateway_at_once_and_always_means_alway
     for _ in 0..5 {
         insert(&loud, job, 1, "loud").await;
     }
-    let mut got = Vec::new();
-    while got.len() < 5 {
-        got.push(
-            tokio::time::timeout(PATIENCE, rx.recv())
-                .await
-                .unwrap()
-                .unwrap(),
-        );
-    }
+    let got = next_notifications(&mut rx, 5).await;
     assert_eq!(
         got,
         (4..=8).map(|s| format!("{job}:{s}")).collect::<Vec<_>>()
@@ -157,15 +159,7 @@ async fn plain_writers_still_wake_an_idle_gateway_at_once_and_always_means_alway
         insert(&quick, job, 1, "quick").await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut got = Vec::new();
-    while got.len() < 3 {
-        got.push(
-            tokio::time::timeout(PATIENCE, rx.recv())
-                .await
-                .unwrap()
-                .unwrap(),
-        );
-    }
+    let got = next_notifications(&mut rx, 3).await;
     assert_eq!(
         got,
         (9..=11).map(|s| format!("{job}:{s}")).collect::<Vec<_>>()
