@@ -128,6 +128,17 @@ fn ignore_concurrent_create(e: tokio_postgres::Error) -> Result<(), Error> {
     }
 }
 
+/// Hands a pooled connection back unless `result` failed because the connection is
+/// gone: a broken connection is dropped instead, so the next caller gets a fresh one
+/// rather than the same error.
+pub fn release<T>(client: deadpool_postgres::Object, result: &Result<T, tokio_postgres::Error>) {
+    if let Err(e) = result {
+        if is_connection_error(e) {
+            let _ = deadpool_postgres::Object::take(client);
+        }
+    }
+}
+
 /// Whether an error means the connection is gone (so a retry on a fresh one may work),
 /// as opposed to an error in the query itself.
 pub fn is_connection_error(e: &tokio_postgres::Error) -> bool {

@@ -215,11 +215,7 @@ impl Hub {
             let result = async {
                 let client = self.inner.pool.get().await?;
                 let cursor = store::job_cursor(&client, job_id).await;
-                if let Err(e) = &cursor {
-                    if crate::db::is_connection_error(e) {
-                        let _ = deadpool_postgres::Object::take(client);
-                    }
-                }
+                crate::db::release(client, &cursor);
                 Ok::<_, crate::Error>(cursor?)
             }
             .await;
@@ -295,11 +291,7 @@ impl Hub {
             .prepare_cached("SELECT id, last_seq FROM agent_jobs WHERE id = ANY($1)")
             .await?;
         let rows = client.query(&stmt, &[&ids]).await;
-        if let Err(e) = &rows {
-            if crate::db::is_connection_error(e) {
-                let _ = deadpool_postgres::Object::take(client);
-            }
-        }
+        crate::db::release(client, &rows);
         self.inner.metrics.counter_polls.inc();
         for row in rows? {
             self.wake(row.get(0), row.get(1));
@@ -372,12 +364,7 @@ impl Hub {
         let client = self.inner.pool.get().await?;
         self.inner.metrics.table_reads_live.inc();
         let events = store::events_after(&client, job_id, after, None, READ_PAGE).await;
-        if let Err(e) = &events {
-            if crate::db::is_connection_error(e) {
-                // Do not hand a broken connection back to the pool.
-                let _ = deadpool_postgres::Object::take(client);
-            }
-        }
+        crate::db::release(client, &events);
         Ok(events?)
     }
 

@@ -182,11 +182,7 @@ impl Subscriber {
                     READ_PAGE,
                 )
                 .await;
-                if let Err(e) = &events {
-                    if crate::db::is_connection_error(e) {
-                        let _ = deadpool_postgres::Object::take(client);
-                    }
-                }
+                crate::db::release(client, &events);
                 Ok::<_, crate::Error>(events?)
             }
             .await;
