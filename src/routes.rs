@@ -22,7 +22,6 @@ use crate::config::{Config, DEFAULT_PAGE};
 use crate::hub::{Hub, Start};
 use crate::listen::Readiness;
 use crate::metrics::Metrics;
-use crate::sse;
 use crate::status::StatusFeed;
 use crate::store::{self, NewEvent};
 use crate::stream;
@@ -781,39 +780,9 @@ fn deadline_of(at: std::time::SystemTime) -> tokio::time::Instant {
 }
 
 fn status_stream(app: &App, grant: Grant) -> Response<Body> {
-    let rx = app.feed.subscribe();
     let deadline = grant.expires_at().map(deadline_of);
-    let retry = sse::retry_frame(app.config.retry_ms);
-    let first = futures::stream::once(async move { Ok(hyper::body::Frame::data(retry)) });
-    let rest = futures::stream::unfold(Some(rx), move |rx| {
-        let grant = grant.clone();
-        async move {
-            let mut rx = rx?;
-            loop {
-                let item = match deadline {
-                    Some(deadline) => tokio::select! {
-                        item = rx.recv() => item,
-                        _ = tokio::time::sleep_until(deadline) => return None,
-                    },
-                    None => rx.recv().await,
-                };
-                match item {
-                    Ok(Some((job, bytes))) => {
-                        if !job.is_nil() && !grant.covers(job) {
-                            continue;
-                        }
-                        return Some((Ok(hyper::body::Frame::data(bytes)), Some(rx)));
-                    }
-                    // A list page that fell behind would miss changes: end the stream
-                    // instead, so it reconnects and re-reads the list (as it does after
-                    // any reconnect). Never a silent skip.
-                    Ok(None) | Err(_) => return None,
-                }
-            }
-        }
-    });
-    use futures::StreamExt;
-    let body = http_body_util::StreamBody::new(first.chain(rest));
+    let frames = app.feed.stream(app.config.retry_ms, grant, deadline);
+    let body = http_body_util::StreamBody::new(frames);
     sse_response(body.boxed_unsync())
 }
 

@@ -7,10 +7,15 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use std::convert::Infallible;
+
 use bytes::Bytes;
+use futures::StreamExt;
+use hyper::body::Frame;
 use tokio::sync::{broadcast, mpsc, watch};
 use uuid::Uuid;
 
+use crate::auth::Grant;
 use crate::hub::Backoff;
 use crate::sse;
 use crate::store;
@@ -59,8 +64,44 @@ impl StatusFeed {
         let _ = self.inner.changed_tx.send(None);
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Item> {
-        self.inner.tx.subscribe()
+    /// The frames of one `/api/queue/jobs/stream`: `retry:`, then the changes of the
+    /// jobs `grant` covers, until shutdown, `deadline` (token expiry) or a lag.
+    pub fn stream(
+        &self,
+        retry_ms: u64,
+        grant: Grant,
+        deadline: Option<tokio::time::Instant>,
+    ) -> impl futures::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send {
+        let first = sse::retry_frame(retry_ms);
+        let first = futures::stream::once(async move { Ok(Frame::data(first)) });
+        let rest = futures::stream::unfold(Some(self.inner.tx.subscribe()), move |rx| {
+            let grant = grant.clone();
+            async move {
+                let mut rx = rx?;
+                loop {
+                    let item = match deadline {
+                        Some(deadline) => tokio::select! {
+                            item = rx.recv() => item,
+                            _ = tokio::time::sleep_until(deadline) => return None,
+                        },
+                        None => rx.recv().await,
+                    };
+                    match item {
+                        Ok(Some((job, bytes))) => {
+                            if !job.is_nil() && !grant.covers(job) {
+                                continue;
+                            }
+                            return Some((Ok(Frame::data(bytes)), Some(rx)));
+                        }
+                        // A list page that fell behind would miss changes: end the
+                        // stream instead, so it reconnects and re-reads the list (as it
+                        // does after any reconnect). Never a silent skip.
+                        Ok(None) | Err(_) => return None,
+                    }
+                }
+            }
+        });
+        first.chain(rest)
     }
 
     pub fn keep_alive(&self) {
