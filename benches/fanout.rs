@@ -599,9 +599,9 @@ fn print_sizes() {
     {
         std::mem::size_of::<R>()
     }
-    fn returned3<F, A, B, C, R>(_: &F) -> usize
+    fn returned4<F, A, B, C, D, R>(_: &F) -> usize
     where
-        F: Fn(A, B, C) -> R,
+        F: Fn(A, B, C, D) -> R,
     {
         std::mem::size_of::<R>()
     }
@@ -610,8 +610,8 @@ fn print_sizes() {
         returned6(&eventgate::stream::body)
     );
     println!(
-        "eventgate::routes::handle future: {} bytes",
-        returned3(&eventgate::routes::handle)
+        "eventgate::conn::serve future (a connection's task, less the body): {} bytes",
+        returned4(&eventgate::conn::serve)
     );
     println!(
         "broadcast::Receiver<hub::Item>: {} bytes",

@@ -18,7 +18,8 @@
 //! - [`stream`]: one subscriber: backfill, hand-over to live, lag recovery, end.
 //! - [`status`]: the job list's single stream of status changes.
 //! - [`routes`]: HTTP routing and the JSON API; [`web`]: the embedded dashboard.
-//! - [`server`]: the accept loop, connection limits, background tasks and graceful shutdown.
+//! - [`server`]: the accept loop, connection limits, background tasks and graceful shutdown;
+//!   [`conn`]: one connection, event streams written without hyper's buffers.
 //! - [`worker`]: `eventgate run`: a command's output as batched, redacted events.
 //! - [`demo`]: `eventgate demo`, the whole thing with no set-up; [`prune`]: retention.
 //! - [`cluster`]: throwaway PostgreSQL clusters (demo, tests, benchmarks).
@@ -28,6 +29,7 @@
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod conn;
 pub mod db;
 pub mod demo;
 mod error;

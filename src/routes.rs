@@ -10,7 +10,6 @@ use bytes::Bytes;
 use deadpool_postgres::Pool;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
@@ -28,6 +27,11 @@ use crate::stream;
 
 /// Every response body: full buffers and SSE streams alike.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// A request body: hyper's `Incoming`, or `Empty` for the event-stream requests that
+/// [`crate::conn`] reads itself.
+pub trait RequestBody: hyper::body::Body<Data = Bytes> + Send + Sync + Unpin + 'static {}
+impl<T: hyper::body::Body<Data = Bytes> + Send + Sync + Unpin + 'static> RequestBody for T {}
 
 /// What every handler can reach.
 pub struct App {
@@ -146,9 +150,9 @@ pub fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Respo
 }
 
 /// The service of every connection.
-pub async fn handle(
+pub async fn handle<B: RequestBody>(
     app: Arc<App>,
-    req: Request<Incoming>,
+    req: Request<B>,
     peer: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     let retry = app.config.retry_ms.div_ceil(1000);
@@ -176,7 +180,7 @@ pub async fn handle(
 }
 
 /// The request's `Origin` when it is on the allow-list (exact match).
-fn allowed_origin(config: &Config, req: &Request<Incoming>) -> Option<HeaderValue> {
+fn allowed_origin<B>(config: &Config, req: &Request<B>) -> Option<HeaderValue> {
     let origin = req.headers().get(header::ORIGIN)?;
     let text = origin.to_str().ok()?;
     config
@@ -213,14 +217,18 @@ fn preflight(origin: Option<HeaderValue>) -> Response<Body> {
 }
 
 /// Checks the request's token, counting refusals by reason.
-fn authorize(app: &App, req: &Request<Incoming>, scope: Scope, job: Option<Uuid>) -> Result<Grant> {
+fn authorize<B>(app: &App, req: &Request<B>, scope: Scope, job: Option<Uuid>) -> Result<Grant> {
     app.config.auth.check(req, scope, job).map_err(|failure| {
         app.metrics.auth_failures[failure as usize].inc();
         ApiError::auth(failure)
     })
 }
 
-async fn route(app: &App, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>> {
+async fn route<B: RequestBody>(
+    app: &App,
+    req: Request<B>,
+    peer: SocketAddr,
+) -> Result<Response<Body>> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let method = req.method().clone();
@@ -281,7 +289,7 @@ fn parse_job_id(text: &str) -> Result<Uuid> {
         .map_err(|_| ApiError::bad_request("invalid_job_id", "job id must be a uuid"))
 }
 
-fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+fn query<B>(req: &Request<B>) -> HashMap<String, String> {
     let Some(q) = req.uri().query() else {
         return HashMap::new();
     };
@@ -368,7 +376,7 @@ fn metrics(app: &App) -> Response<Body> {
         .expect("constant headers won't error")
 }
 
-async fn list_jobs(app: &App, req: &Request<Incoming>, grant: &Grant) -> Result<Response<Body>> {
+async fn list_jobs<B>(app: &App, req: &Request<B>, grant: &Grant) -> Result<Response<Body>> {
     let q = query(req);
     let limit = int_param(&q, "limit")?.unwrap_or(50);
     if !(1..=500).contains(&limit) {
@@ -416,7 +424,10 @@ async fn get_job(app: &App, id: Uuid) -> Result<Response<Body>> {
 }
 
 /// Reads a JSON body, refusing more than `max_body` bytes with 413.
-async fn read_json<T: serde::de::DeserializeOwned>(app: &App, req: Request<Incoming>) -> Result<T> {
+async fn read_json<T: serde::de::DeserializeOwned, B: RequestBody>(
+    app: &App,
+    req: Request<B>,
+) -> Result<T> {
     let max = app.config.max_body;
     let too_large = || {
         ApiError::new(
@@ -464,7 +475,7 @@ const DISCARD_LIMIT: u64 = 64 << 20;
 const DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Reads a body to its end (or `DISCARD_LIMIT`, or `DISCARD_TIMEOUT`), keeping nothing.
-async fn discard(body: Incoming) {
+async fn discard<B: RequestBody>(body: B) {
     let drain = async {
         let mut body = body;
         let mut seen = 0u64;
@@ -491,7 +502,11 @@ struct CreateJob {
     payload: Option<serde_json::Value>,
 }
 
-async fn create_job(app: &App, req: Request<Incoming>, grant: &Grant) -> Result<Response<Body>> {
+async fn create_job<B: RequestBody>(
+    app: &App,
+    req: Request<B>,
+    grant: &Grant,
+) -> Result<Response<Body>> {
     let body: CreateJob = read_json(app, req).await?;
     // A token for some jobs may create only those, by id.
     if !grant.covers_all() && !body.id.is_some_and(|id| grant.covers(id)) {
@@ -543,7 +558,7 @@ enum AppendBody {
     One(AppendEvent),
 }
 
-async fn append(app: &App, id: Uuid, req: Request<Incoming>) -> Result<Response<Body>> {
+async fn append<B: RequestBody>(app: &App, id: Uuid, req: Request<B>) -> Result<Response<Body>> {
     let body: AppendBody = read_json(app, req).await?;
     let events = match body {
         AppendBody::Many { events } => events,
@@ -628,7 +643,7 @@ fn strip_nul(value: serde_json::Value) -> serde_json::Value {
     }
 }
 
-async fn events_page(app: &App, id: Uuid, req: &Request<Incoming>) -> Result<Response<Body>> {
+async fn events_page<B>(app: &App, id: Uuid, req: &Request<B>) -> Result<Response<Body>> {
     let q = query(req);
     let limit = int_param(&q, "limit")?.unwrap_or(DEFAULT_PAGE);
     if !(1..=app.config.max_page).contains(&limit) {
@@ -708,7 +723,7 @@ fn sse_response(body: Body) -> Response<Body> {
 }
 
 /// The resume point: `Last-Event-ID`, else `?afterSeq=`, else the start.
-fn stream_cursor(req: &Request<Incoming>) -> Result<i64> {
+fn stream_cursor<B>(req: &Request<B>) -> Result<i64> {
     if let Some(value) = req.headers().get("last-event-id") {
         let text = value.to_str().unwrap_or("\u{FFFD}").trim();
         if !text.is_empty() {
@@ -724,10 +739,10 @@ fn stream_cursor(req: &Request<Incoming>) -> Result<i64> {
     Ok(int_param(&query(req), "afterSeq")?.unwrap_or(0))
 }
 
-async fn events_stream(
+async fn events_stream<B>(
     app: &App,
     id: Uuid,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     peer: SocketAddr,
     grant: &Grant,
 ) -> Result<Response<Body>> {

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::conn;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
@@ -94,7 +95,7 @@ pub async fn run(
         slots: crate::limits::StreamSlots::new(config.max_streams_per_client),
     });
 
-    // HTTP/1.1 and h2c (prior knowledge), chosen per connection by `is_h2`. Not
+    // HTTP/1.1 and h2c (prior knowledge), chosen per connection by `conn::serve`. Not
     // hyper-util's auto builder: it reads the first bytes into a buffer of its own and
     // replays them, which makes hyper grow every connection's read buffer to 16 KiB.
     let mut http1 = http1::Builder::new();
@@ -102,13 +103,20 @@ pub async fn run(
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout)
         .keep_alive(true);
-    let http1 = Arc::new(http1);
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(20)));
-    let http2 = Arc::new(http2);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let shared = Arc::new(conn::Shared {
+        app,
+        http1,
+        http2,
+        header_timeout: config.header_timeout,
+    });
+    // Turns true when the gateway drains: each connection finishes its response in
+    // flight and closes. Every connection holds a permit of `connections` until it ends,
+    // so getting all of them back means every connection is gone.
+    let (drain_tx, drain_rx) = watch::channel(false);
     let connections = Arc::new(Semaphore::new(config.max_connections));
 
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
@@ -133,27 +141,9 @@ pub async fn run(
             continue;
         };
         metrics.connections.inc();
-        let app = app.clone();
-        let service = service_fn(move |req| routes::handle(app.clone(), req, peer));
-        let (http1, http2, watcher) = (http1.clone(), http2.clone(), graceful.watcher());
-        let (metrics, header_timeout) = (metrics.clone(), config.header_timeout);
+        let (shared, drain, metrics) = (shared.clone(), drain_rx.clone(), metrics.clone());
         tokio::spawn(async move {
-            // A client that sends nothing is cut off like one that sends headers slowly.
-            let h2 = tokio::time::timeout(header_timeout, is_h2(&stream)).await;
-            let result = match h2 {
-                Ok(Ok(false)) => {
-                    let conn = http1.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn).await
-                }
-                Ok(Ok(true)) => {
-                    let conn = http2.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn).await
-                }
-                Ok(Err(_)) | Err(_) => Ok(()),
-            };
-            if let Err(e) = result {
-                tracing::debug!(client = %peer, error = %e, "connection ended with an error");
-            }
+            conn::serve(stream, peer, shared, drain).await;
             metrics.connections.dec();
             drop(permit);
         });
@@ -164,7 +154,9 @@ pub async fn run(
     // Streams end themselves on this; then idle keep-alive connections close.
     hub.shutdown();
     feed.shutdown();
-    let drained = tokio::time::timeout(config.shutdown_grace, graceful.shutdown()).await;
+    let _ = drain_tx.send(true);
+    let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(config.shutdown_grace, connections.acquire_many(all)).await;
     if drained.is_err() {
         tracing::warn!(
             "drain deadline of {:?} passed; closing what is left",
@@ -184,28 +176,6 @@ pub async fn run(
     }
     tracing::info!("gateway stopped");
     Ok(())
-}
-
-/// The connection preface of HTTP/2 with prior knowledge (h2c).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Whether the client opens with the HTTP/2 preface, found by peeking so that hyper
-/// gets the socket untouched.
-async fn is_h2(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
-    let mut buf = [0u8; H2_PREFACE.len()];
-    loop {
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 || buf[..n] != H2_PREFACE[..n] {
-            // Closed (hyper sees the end) or not the preface: HTTP/1.
-            return Ok(false);
-        }
-        if n == H2_PREFACE.len() {
-            return Ok(true);
-        }
-        // Part of the preface so far. The socket stays readable while those bytes
-        // sit unread, so wait a moment instead of spinning.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Keep-alives for every stream, and dropping idle jobs, on one timer each.

@@ -934,6 +934,169 @@ async fn shutdown_ends_open_streams_with_a_retry_hint_within_the_deadline() {
     }
 }
 
+/// Event streams over HTTP/1.1 are written by the gateway itself, not hyper (see
+/// `eventgate::conn`): they must still follow HTTP/1.1, notice a client that leaves,
+/// and hand a kept-alive connection on to hyper for its next requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_follow_http1_and_keep_their_connection_usable() {
+    let url = database().await;
+    // No keep-alive is written during the test: only reading the socket can tell
+    // that a client left.
+    let mut config = Config::new(&url);
+    config.keep_alive = Duration::from_secs(600);
+    let gw = Gateway::start_with(config).await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let job = create_job(&db).await;
+    let path = format!("/api/queue/jobs/{job}/events/stream");
+    let header = |headers: &[(String, String)], name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let connect = || async { Conn::new(tokio::net::TcpStream::connect(gw.addr).await.unwrap()) };
+
+    // A stream's head: status, date, chunked framing, SSE headers.
+    let mut conn = connect().await;
+    conn.send("GET", &path, &[], None, false).await.unwrap();
+    let (status, headers) = conn.read_head().await.unwrap();
+    assert_eq!(status, 200);
+    assert!(header(&headers, "date").is_some_and(|d| d.ends_with(" GMT")));
+    assert_eq!(
+        header(&headers, "transfer-encoding").as_deref(),
+        Some("chunked")
+    );
+    assert_eq!(
+        header(&headers, "content-type").as_deref(),
+        Some("text/event-stream")
+    );
+    assert_eq!(header(&headers, "content-length"), None);
+    let first = conn.read_chunk().await.unwrap().unwrap();
+    assert!(first.starts_with(b"retry: "), "{first:?}");
+
+    // A client that leaves an idle stream (no event due) is noticed and let go.
+    wait_for("one open stream", || async {
+        gw.metric("eventgate_streams_open").await == 1
+    })
+    .await;
+    drop(conn);
+    wait_for("the stream to close", || async {
+        gw.metric("eventgate_streams_open").await == 0
+    })
+    .await;
+
+    // Kept alive: the stream ends (`end`, last chunk), then hyper answers the next
+    // request on the same connection, then a caught-up stream gets 204 on it, and the
+    // connection still serves.
+    let mut conn = connect().await;
+    conn.send("GET", &path, &[], None, false).await.unwrap();
+    assert_eq!(conn.read_head().await.unwrap().0, 200);
+    insert(&db, job, 3, "x").await;
+    set_status(&db, job, "succeeded").await;
+    let mut body = Vec::new();
+    while let Some(chunk) = conn.read_chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.contains("id: 4\n") && text.ends_with("\n\n") && text.contains("event: end"),
+        "{text}"
+    );
+    conn.send("GET", "/healthz", &[], None, false)
+        .await
+        .unwrap();
+    let (status, headers) = conn.read_head().await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        conn.read_body_to_end(&headers).await.unwrap(),
+        br#"{"status":"ok"}"#
+    );
+    conn.send("GET", &path, &[("Last-Event-ID", "4")], None, false)
+        .await
+        .unwrap();
+    let (status, headers) = conn.read_head().await.unwrap();
+    assert_eq!(status, 204);
+    assert_eq!(header(&headers, "content-length"), None);
+    assert_eq!(header(&headers, "transfer-encoding"), None);
+    conn.send("GET", "/healthz", &[], None, false)
+        .await
+        .unwrap();
+    assert_eq!(conn.read_head().await.unwrap().0, 200);
+
+    // The first request answered on our path, then `Connection: close` is honoured.
+    let mut conn = connect().await;
+    conn.send("GET", &path, &[("Last-Event-ID", "4")], None, true)
+        .await
+        .unwrap();
+    let (status, headers) = conn.read_head().await.unwrap();
+    assert_eq!(status, 204);
+    assert_eq!(header(&headers, "connection").as_deref(), Some("close"));
+    assert!(conn.read_head().await.is_err(), "closed after the response");
+
+    // Errors keep their JSON body and exact length.
+    let mut conn = connect().await;
+    let unknown = format!("/api/queue/jobs/{}/events/stream", uuid::Uuid::new_v4());
+    conn.send("GET", &unknown, &[], None, false).await.unwrap();
+    let (status, headers) = conn.read_head().await.unwrap();
+    assert_eq!(status, 404);
+    let body = conn.read_body_to_end(&headers).await.unwrap();
+    assert_eq!(
+        header(&headers, "content-length"),
+        Some(body.len().to_string())
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["error"],
+        "job_not_found"
+    );
+    conn.send("GET", "/healthz", &[], None, false)
+        .await
+        .unwrap();
+    assert_eq!(conn.read_head().await.unwrap().0, 200);
+
+    // Pipelined requests and HTTP/1.0 go to hyper, and are answered all the same.
+    let mut raw = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let twice = format!(
+        "GET {path} HTTP/1.1\r\nHost: t\r\nLast-Event-ID: 4\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut raw, twice.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_string(&mut raw, &mut answer),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    assert!(
+        answer.contains("HTTP/1.1 200") && answer.ends_with(r#"{"status":"ok"}"#),
+        "{answer}"
+    );
+    let mut old = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.0\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut old, request.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_string(&mut old, &mut answer),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
+    assert!(
+        !answer.contains("chunked") && answer.contains("event: end"),
+        "{answer}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_answers_503_with_retry_after() {
     let url = database().await;

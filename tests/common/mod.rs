@@ -329,7 +329,10 @@ impl Conn {
         Ok((status, headers))
     }
 
-    async fn read_body_to_end(&mut self, headers: &[(String, String)]) -> std::io::Result<Vec<u8>> {
+    pub async fn read_body_to_end(
+        &mut self,
+        headers: &[(String, String)],
+    ) -> std::io::Result<Vec<u8>> {
         let header = |name: &str| {
             headers
                 .iter()

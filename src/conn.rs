@@ -1,0 +1,590 @@
+//! One client connection: HTTP/1.1 event streams are written straight to the socket,
+//! everything else is served by hyper.
+//!
+//! An idle event stream is the gateway's most numerous object, and hyper keeps two
+//! buffers of 8 KiB for every HTTP/1.1 connection (the read buffer and the head write
+//! buffer), which it cannot be told to shrink. So when a connection's first request is
+//! a plain `GET` of an event stream, this module answers it itself: the request head is
+//! peeked and parsed with `httparse` (hyper's own parser), routed by the same
+//! [`routes::handle`], and the response written with chunked framing straight from the
+//! body's frames, which are `Bytes` encoded once per batch and shared by every
+//! subscriber. Nothing is copied and no buffer is kept: an idle stream costs its task,
+//! its socket and its subscriber.
+//!
+//! Everything else goes to hyper with the socket untouched: other routes, HTTP/1.0,
+//! h2c, heads over [`PEEK_LIMIT`], requests with a body, `Expect` or `Upgrade`, and
+//! pipelined requests. A connection kept alive after a stream ends is handed to hyper
+//! for its next requests.
+
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::FutureExt;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Body as _;
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper::{Method, Request, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::routes::{self, App, Body};
+
+/// What every connection shares.
+pub struct Shared {
+    pub app: Arc<App>,
+    pub http1: http1::Builder,
+    pub http2: http2::Builder<TokioExecutor>,
+    /// How long a client may take to send its first request head.
+    pub header_timeout: Duration,
+}
+
+/// The most of a request head that is peeked at; longer heads go to hyper.
+pub const PEEK_LIMIT: usize = 4096;
+
+/// Headers parsed before giving the request to hyper (which takes up to 100).
+const MAX_HEADERS: usize = 32;
+
+/// Frames gathered into one `writev` when a subscriber has several waiting.
+const WRITE_BATCH: usize = 8;
+
+/// The connection preface of HTTP/2 with prior knowledge (h2c).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves one connection until it closes or, once `drain` turns true, until its
+/// current response is done.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    drain: watch::Receiver<bool>,
+) {
+    // A client that sends nothing is cut off like one that sends headers slowly.
+    let first = tokio::time::timeout(shared.header_timeout, sniff(&stream)).await;
+    // The hyper paths are boxed: their state is large, and inline it would be part of
+    // every connection's task, event streams included.
+    let result = match first {
+        Ok(Ok(First::Http2)) => Box::pin(serve_hyper(stream, peer, &shared, drain, true)).await,
+        Ok(Ok(First::Http1)) => Box::pin(serve_hyper(stream, peer, &shared, drain, false)).await,
+        Ok(Ok(First::Stream(head))) => {
+            match serve_stream(stream, peer, &shared, head, &drain).await {
+                Ok(Some(stream)) => {
+                    Box::pin(serve_hyper(stream, peer, &shared, drain, false)).await
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Ok(Err(_)) | Err(_) => Ok(()),
+    };
+    if let Err(e) = result {
+        tracing::debug!(client = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn serve_hyper(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    drain: watch::Receiver<bool>,
+    h2: bool,
+) -> Result<(), BoxError> {
+    let app = shared.app.clone();
+    let service = service_fn(move |req| routes::handle(app.clone(), req, peer));
+    let io = TokioIo::new(stream);
+    if h2 {
+        drive(shared.http2.serve_connection(io, service), drain).await?;
+    } else {
+        drive(shared.http1.serve_connection(io, service), drain).await?;
+    }
+    Ok(())
+}
+
+/// Runs a hyper connection, shutting it down gracefully (finish the response in
+/// flight, then close) once `drain` turns true.
+async fn drive<C: GracefulConnection>(
+    conn: C,
+    mut drain: watch::Receiver<bool>,
+) -> Result<(), C::Error> {
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => return result,
+        // Also when the sender is gone: the gateway has stopped.
+        _ = drain.wait_for(|draining| *draining) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
+
+/// What the first bytes of a connection say about it.
+enum First {
+    Http2,
+    Http1,
+    /// An event-stream request this module serves, its head still unread.
+    Stream(Box<Head>),
+}
+
+struct Head {
+    /// Length of the head on the wire.
+    len: usize,
+    request: Request<Empty<Bytes>>,
+    keep_alive: bool,
+}
+
+/// Peeks at the first request, leaving the socket untouched for hyper.
+async fn sniff(stream: &TcpStream) -> io::Result<First> {
+    let mut buf = vec![0u8; PEEK_LIMIT];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            // Closed before a request: hyper sees the end and returns.
+            return Ok(First::Http1);
+        }
+        if let Some(first) = classify(&buf[..n], n == buf.len()) {
+            return Ok(first);
+        }
+        // Part of a head so far. The socket stays readable while those bytes sit
+        // unread, so wait a moment instead of spinning.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Decides from the bytes received so far, or `None` to wait for more. `full`: no
+/// more bytes can be peeked.
+fn classify(bytes: &[u8], full: bool) -> Option<First> {
+    if bytes.starts_with(H2_PREFACE) {
+        return Some(First::Http2);
+    }
+    if H2_PREFACE.starts_with(bytes) {
+        return None;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) => Some(
+            stream_head(&req, len, bytes.len())
+                .map_or(First::Http1, |h| First::Stream(Box::new(h))),
+        ),
+        Ok(httparse::Status::Partial) if !full => {
+            // Known already not to be ours: no need to wait for the rest.
+            let not_get = req.method.is_some_and(|m| m != "GET");
+            let not_stream = req.path.is_some_and(|p| !is_stream_path(p));
+            (not_get || not_stream).then_some(First::Http1)
+        }
+        _ => Some(First::Http1),
+    }
+}
+
+/// The request as this module serves it, or `None` when it is hyper's.
+fn stream_head(req: &httparse::Request, len: usize, available: usize) -> Option<Head> {
+    if available != len || req.method != Some("GET") || req.version != Some(1) {
+        return None;
+    }
+    let path = req.path?;
+    if !is_stream_path(path) {
+        return None;
+    }
+    let mut keep_alive = true;
+    let mut builder = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .version(Version::HTTP_11);
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(h.value).ok()?;
+        if name == header::CONTENT_LENGTH {
+            if value.as_bytes().trim_ascii() != b"0" {
+                return None;
+            }
+        } else if name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::EXPECT
+        {
+            return None;
+        } else if name == header::CONNECTION {
+            let text = value.to_str().ok()?;
+            if text
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("close"))
+            {
+                keep_alive = false;
+            }
+        }
+        builder = builder.header(name, value);
+    }
+    let request = builder.body(Empty::new()).ok()?;
+    Some(Head {
+        len,
+        request,
+        keep_alive,
+    })
+}
+
+/// The two event-stream routes (the router decides the response either way; this only
+/// picks who writes it).
+fn is_stream_path(target: &str) -> bool {
+    let path = target.split('?').next().unwrap_or_default();
+    let mut segments = path.trim_end_matches('/').split('/').skip(1);
+    let mut next = || segments.next();
+    matches!(
+        (next(), next(), next(), next(), next(), next(), next()),
+        (
+            Some("api"),
+            Some("queue"),
+            Some("jobs"),
+            Some("stream"),
+            None,
+            _,
+            _
+        ) | (
+            Some("api"),
+            Some("queue"),
+            Some("jobs"),
+            Some(_),
+            Some("events"),
+            Some("stream"),
+            None
+        )
+    )
+}
+
+/// Answers an event-stream request. Returns the socket when the connection may serve
+/// more requests.
+async fn serve_stream(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    head: Box<Head>,
+    drain: &watch::Receiver<bool>,
+) -> io::Result<Option<TcpStream>> {
+    // The head was only peeked: consume it.
+    let mut consumed = vec![0u8; head.len];
+    stream.read_exact(&mut consumed).await?;
+    drop(consumed);
+
+    let response = match routes::handle(shared.app.clone(), head.request, peer).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let (parts, mut body) = response.into_parts();
+    let bodyless = parts.status.is_informational()
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED;
+    let length = if bodyless {
+        None
+    } else {
+        body.size_hint().exact()
+    };
+    let framing = match (bodyless, length) {
+        (true, _) => Framing::None,
+        (false, Some(n)) => Framing::Length(n),
+        (false, None) => Framing::Chunked,
+    };
+    let keep_alive = head.keep_alive && !*drain.borrow();
+    let wire_head = encode_head(&parts, framing, keep_alive);
+    drop(parts);
+    write_all(&stream, &wire_head).await?;
+    drop(wire_head);
+    let reusable = match framing {
+        Framing::None => true,
+        Framing::Length(_) => pump(&stream, &mut body, false).await?,
+        Framing::Chunked => pump(&stream, &mut body, true).await?,
+    };
+    Ok((keep_alive && reusable && !*drain.borrow()).then_some(stream))
+}
+
+#[derive(Clone, Copy)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// The response head as HTTP/1.1 puts it on the wire.
+fn encode_head(
+    parts: &hyper::http::response::Parts,
+    framing: Framing,
+    keep_alive: bool,
+) -> Vec<u8> {
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(parts.status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\ndate: ");
+    head.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+        {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::None => {}
+        Framing::Length(n) => {
+            head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+        }
+        Framing::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    if !keep_alive {
+        head.extend_from_slice(b"connection: close\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// Writes the body's frames as they come, several at a time when several are waiting,
+/// while watching the socket so that a client who leaves is noticed even when no frame
+/// is due. Returns whether the connection may serve another request.
+async fn pump(stream: &TcpStream, body: &mut Body, chunked: bool) -> io::Result<bool> {
+    let mut reusable = true;
+    let mut batch: [Bytes; WRITE_BATCH] = Default::default();
+    loop {
+        let frame = tokio::select! {
+            biased;
+            frame = body.frame() => frame,
+            ready = stream.readable() => {
+                ready?;
+                match read_stray(stream)? {
+                    Some(false) => return Ok(false),
+                    // Bytes while streaming: a pipelined request. It is not answered;
+                    // the connection closes after the stream instead.
+                    Some(true) => reusable = false,
+                    None => {}
+                }
+                continue;
+            }
+        };
+        let mut count = 0;
+        let mut ended = frame.is_none();
+        let mut frame = frame;
+        while let Some(Ok(f)) = frame {
+            if let Ok(data) = f.into_data() {
+                if !data.is_empty() {
+                    batch[count] = data;
+                    count += 1;
+                }
+            }
+            if count == WRITE_BATCH {
+                break;
+            }
+            frame = match body.frame().now_or_never() {
+                Some(next) => {
+                    ended = next.is_none();
+                    next
+                }
+                None => None,
+            };
+        }
+        write_frames(stream, &batch[..count], chunked, ended && chunked).await?;
+        batch.iter_mut().take(count).for_each(|b| *b = Bytes::new());
+        if ended {
+            return Ok(reusable);
+        }
+    }
+}
+
+/// Reads what a client sent while its stream is open: `Some(false)` when it closed,
+/// `Some(true)` when it sent bytes, `None` when nothing was there after all.
+fn read_stray(stream: &TcpStream) -> io::Result<Option<bool>> {
+    let mut scratch = [0u8; 512];
+    let mut sent = false;
+    loop {
+        match stream.try_read(&mut scratch) {
+            Ok(0) => return Ok(Some(false)),
+            Ok(_) => sent = true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Ok(sent.then_some(true));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The end of a chunked body.
+const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// Writes `frames` (as chunks when `chunked`, then the last chunk when `last`) with as
+/// few `writev` calls as the socket allows.
+async fn write_frames(
+    stream: &TcpStream,
+    frames: &[Bytes],
+    chunked: bool,
+    last: bool,
+) -> io::Result<()> {
+    let mut written = 0usize;
+    loop {
+        stream.writable().await?;
+        let mut sizes = [[0u8; 18]; WRITE_BATCH];
+        let mut parts: [&[u8]; 3 * WRITE_BATCH + 1] = [&[]; 3 * WRITE_BATCH + 1];
+        let mut n = 0;
+        for (frame, size) in frames.iter().zip(sizes.iter_mut()) {
+            if chunked {
+                parts[n] = chunk_size(frame.len(), size);
+                parts[n + 2] = b"\r\n";
+            }
+            parts[n + 1] = frame;
+            n += 3;
+        }
+        if last {
+            parts[n] = LAST_CHUNK;
+            n += 1;
+        }
+        let total: usize = parts[..n].iter().map(|p| p.len()).sum();
+        let mut skip = written;
+        let mut slices = [IoSlice::new(&[]); 3 * WRITE_BATCH + 1];
+        let mut k = 0;
+        for part in &parts[..n] {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            slices[k] = IoSlice::new(&part[skip..]);
+            skip = 0;
+            k += 1;
+        }
+        if k == 0 {
+            return Ok(());
+        }
+        match stream.try_write_vectored(&slices[..k]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written += n;
+                if written == total {
+                    return Ok(());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn write_all(stream: &TcpStream, bytes: &[u8]) -> io::Result<()> {
+    let mut written = 0;
+    while written < bytes.len() {
+        stream.writable().await?;
+        match stream.try_write(&bytes[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `len` in hex and CRLF: a chunk's size line.
+fn chunk_size(len: usize, out: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut n = 0;
+    let mut rest = len;
+    loop {
+        digits[n] = HEX[rest & 0xf];
+        n += 1;
+        rest >>= 4;
+        if rest == 0 {
+            break;
+        }
+    }
+    for (i, d) in digits[..n].iter().rev().enumerate() {
+        out[i] = *d;
+    }
+    out[n] = b'\r';
+    out[n + 1] = b'\n';
+    &out[..n + 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_are_hex() {
+        let mut out = [0u8; 18];
+        assert_eq!(chunk_size(0, &mut out), b"0\r\n");
+        assert_eq!(chunk_size(255, &mut out), b"ff\r\n");
+        assert_eq!(chunk_size(4096, &mut out), b"1000\r\n");
+        assert_eq!(chunk_size(usize::MAX, &mut out), b"ffffffffffffffff\r\n");
+    }
+
+    #[test]
+    fn picks_the_stream_routes() {
+        let id = "0b6f3b8e-7f4e-4f57-9d0e-3f0b8e7f4e4f";
+        for path in [
+            "/api/queue/jobs/stream".to_string(),
+            "/api/queue/jobs/stream/".to_string(),
+            format!("/api/queue/jobs/{id}/events/stream"),
+            format!("/api/queue/jobs/{id}/events/stream?afterSeq=3"),
+        ] {
+            assert!(is_stream_path(&path), "{path}");
+        }
+        for path in [
+            "/api/queue/jobs".to_string(),
+            format!("/api/queue/jobs/{id}/events"),
+            format!("/api/queue/jobs/{id}/events/stream/x"),
+            "/api/queue/jobs/stream/x".to_string(),
+            "/".to_string(),
+        ] {
+            assert!(!is_stream_path(&path), "{path}");
+        }
+    }
+
+    fn kind(bytes: &[u8], full: bool) -> &'static str {
+        match classify(bytes, full) {
+            None => "wait",
+            Some(First::Http1) => "hyper",
+            Some(First::Http2) => "h2",
+            Some(First::Stream(_)) => "stream",
+        }
+    }
+
+    #[test]
+    fn classifies_first_requests() {
+        let get = b"GET /api/queue/jobs/stream HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(kind(get, false), "stream");
+        assert_eq!(kind(&get[..20], false), "wait");
+        assert_eq!(kind(&get[..20], true), "hyper");
+        assert_eq!(kind(H2_PREFACE, false), "h2");
+        assert_eq!(kind(&H2_PREFACE[..5], false), "wait");
+        assert_eq!(kind(b"POST /api/queue/jobs HT", false), "hyper");
+        assert_eq!(kind(b"GET /healthz HT", false), "hyper");
+        assert_eq!(
+            kind(b"GET /api/queue/jobs/stream HTTP/1.0\r\n\r\n", false),
+            "hyper"
+        );
+        assert_eq!(kind(b"garbage\r\n\r\n", false), "hyper");
+        let mut pipelined = get.to_vec();
+        pipelined.extend_from_slice(get);
+        assert_eq!(kind(&pipelined, false), "hyper");
+        let with_body = b"GET /api/queue/jobs/stream HTTP/1.1\r\nContent-Length: 2\r\n\r\n";
+        assert_eq!(kind(with_body, false), "hyper");
+        let upgrade = b"GET /api/queue/jobs/stream HTTP/1.1\r\nUpgrade: h2c\r\n\r\n";
+        assert_eq!(kind(upgrade, false), "hyper");
+        let close = b"GET /api/queue/jobs/stream HTTP/1.1\r\nConnection: close\r\n\r\n";
+        match classify(close, false) {
+            Some(First::Stream(head)) => {
+                assert!(!head.keep_alive);
+                assert_eq!(head.len, close.len());
+            }
+            _ => panic!("not a stream"),
+        }
+    }
+}
