@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures::FutureExt;
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Body as _;
+use hyper::body::{Body as _, Frame};
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -271,7 +271,8 @@ async fn serve_stream(
     stream.read_exact(&mut consumed).await?;
     drop(consumed);
 
-    let response = match routes::handle(shared.app.clone(), head.request, peer).await {
+    // Boxed: routing is short, and its state need not stay in the stream's task.
+    let response = match Box::pin(routes::handle(shared.app.clone(), head.request, peer)).await {
         Ok(response) => response,
         Err(never) => match never {},
     };
@@ -292,13 +293,7 @@ async fn serve_stream(
     let keep_alive = head.keep_alive && !*drain.borrow();
     let wire_head = encode_head(&parts, framing, keep_alive);
     drop(parts);
-    write_all(&stream, &wire_head).await?;
-    drop(wire_head);
-    let reusable = match framing {
-        Framing::None => true,
-        Framing::Length(_) => pump(&stream, &mut body, false).await?,
-        Framing::Chunked => pump(&stream, &mut body, true).await?,
-    };
+    let reusable = pump(&stream, wire_head, &mut body, framing).await?;
     Ok((keep_alive && reusable && !*drain.borrow()).then_some(stream))
 }
 
@@ -349,26 +344,45 @@ fn encode_head(
     head
 }
 
-/// Writes the body's frames as they come, several at a time when several are waiting,
-/// while watching the socket so that a client who leaves is noticed even when no frame
-/// is due. Returns whether the connection may serve another request.
-async fn pump(stream: &TcpStream, body: &mut Body, chunked: bool) -> io::Result<bool> {
+/// Writes the response head and then the body's frames as they come, several at a
+/// time when several are waiting (the head goes with whatever is ready at once), while
+/// watching the socket so that a client who leaves is noticed even when no frame is
+/// due. Returns whether the connection may serve another request.
+async fn pump(
+    stream: &TcpStream,
+    head: Vec<u8>,
+    body: &mut Body,
+    framing: Framing,
+) -> io::Result<bool> {
+    let chunked = matches!(framing, Framing::Chunked);
+    if matches!(framing, Framing::None) {
+        write_frames(stream, &head, &[], false, false).await?;
+        return Ok(true);
+    }
+    let mut head = Some(head);
     let mut reusable = true;
     let mut batch: [Bytes; WRITE_BATCH] = Default::default();
     loop {
-        let frame = tokio::select! {
-            biased;
-            frame = body.frame() => frame,
-            ready = stream.readable() => {
-                ready?;
-                match read_stray(stream)? {
-                    Some(false) => return Ok(false),
-                    // Bytes while streaming: a pipelined request. It is not answered;
-                    // the connection closes after the stream instead.
-                    Some(true) => reusable = false,
-                    None => {}
+        let frame = if head.is_some() {
+            // Nothing ready: the head goes alone.
+            body.frame()
+                .now_or_never()
+                .unwrap_or_else(|| Some(Ok(Frame::data(Bytes::new()))))
+        } else {
+            tokio::select! {
+                biased;
+                frame = body.frame() => frame,
+                ready = stream.readable() => {
+                    ready?;
+                    match read_stray(stream)? {
+                        Some(false) => return Ok(false),
+                        // Bytes while streaming: a pipelined request. It is not
+                        // answered; the connection closes after the stream instead.
+                        Some(true) => reusable = false,
+                        None => {}
+                    }
+                    continue;
                 }
-                continue;
             }
         };
         let mut count = 0;
@@ -392,7 +406,9 @@ async fn pump(stream: &TcpStream, body: &mut Body, chunked: bool) -> io::Result<
                 None => None,
             };
         }
-        write_frames(stream, &batch[..count], chunked, ended && chunked).await?;
+        let prefix = head.take().unwrap_or_default();
+        write_frames(stream, &prefix, &batch[..count], chunked, ended && chunked).await?;
+        drop(prefix);
         batch.iter_mut().take(count).for_each(|b| *b = Bytes::new());
         if ended {
             return Ok(reusable);
@@ -420,10 +436,11 @@ fn read_stray(stream: &TcpStream) -> io::Result<Option<bool>> {
 /// The end of a chunked body.
 const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
-/// Writes `frames` (as chunks when `chunked`, then the last chunk when `last`) with as
-/// few `writev` calls as the socket allows.
+/// Writes `prefix`, then `frames` (as chunks when `chunked`, then the last chunk when
+/// `last`) with as few `writev` calls as the socket allows.
 async fn write_frames(
     stream: &TcpStream,
+    prefix: &[u8],
     frames: &[Bytes],
     chunked: bool,
     last: bool,
@@ -431,63 +448,63 @@ async fn write_frames(
     let mut written = 0usize;
     loop {
         stream.writable().await?;
-        let mut sizes = [[0u8; 18]; WRITE_BATCH];
-        let mut parts: [&[u8]; 3 * WRITE_BATCH + 1] = [&[]; 3 * WRITE_BATCH + 1];
-        let mut n = 0;
-        for (frame, size) in frames.iter().zip(sizes.iter_mut()) {
-            if chunked {
-                parts[n] = chunk_size(frame.len(), size);
-                parts[n + 2] = b"\r\n";
-            }
-            parts[n + 1] = frame;
-            n += 3;
-        }
-        if last {
-            parts[n] = LAST_CHUNK;
-            n += 1;
-        }
-        let total: usize = parts[..n].iter().map(|p| p.len()).sum();
-        let mut skip = written;
-        let mut slices = [IoSlice::new(&[]); 3 * WRITE_BATCH + 1];
-        let mut k = 0;
-        for part in &parts[..n] {
-            if skip >= part.len() {
-                skip -= part.len();
-                continue;
-            }
-            slices[k] = IoSlice::new(&part[skip..]);
-            skip = 0;
-            k += 1;
-        }
-        if k == 0 {
-            return Ok(());
-        }
-        match stream.try_write_vectored(&slices[..k]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                written += n;
-                if written == total {
-                    return Ok(());
-                }
-            }
+        match try_write_frames(stream, written, prefix, frames, chunked, last) {
+            Ok(Some(n)) => written = n,
+            Ok(None) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
     }
 }
 
-async fn write_all(stream: &TcpStream, bytes: &[u8]) -> io::Result<()> {
-    let mut written = 0;
-    while written < bytes.len() {
-        stream.writable().await?;
-        match stream.try_write(&bytes[written..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+/// One `writev` of what is left after `written` bytes: `Some(written)` while some is
+/// left, `None` when all is written. Not async, so that its arrays are not part of every
+/// stream's future.
+fn try_write_frames(
+    stream: &TcpStream,
+    written: usize,
+    prefix: &[u8],
+    frames: &[Bytes],
+    chunked: bool,
+    last: bool,
+) -> io::Result<Option<usize>> {
+    let mut sizes = [[0u8; 18]; WRITE_BATCH];
+    let mut parts: [&[u8]; 3 * WRITE_BATCH + 2] = [&[]; 3 * WRITE_BATCH + 2];
+    parts[0] = prefix;
+    let mut n = 1;
+    for (frame, size) in frames.iter().zip(sizes.iter_mut()) {
+        if chunked {
+            parts[n] = chunk_size(frame.len(), size);
+            parts[n + 2] = b"\r\n";
         }
+        parts[n + 1] = frame;
+        n += 3;
     }
-    Ok(())
+    if last {
+        parts[n] = LAST_CHUNK;
+        n += 1;
+    }
+    let total: usize = parts[..n].iter().map(|p| p.len()).sum();
+    let mut skip = written;
+    let mut slices = [IoSlice::new(&[]); 3 * WRITE_BATCH + 2];
+    let mut k = 0;
+    for part in &parts[..n] {
+        if skip >= part.len() {
+            skip -= part.len();
+            continue;
+        }
+        slices[k] = IoSlice::new(&part[skip..]);
+        skip = 0;
+        k += 1;
+    }
+    if k == 0 {
+        return Ok(None);
+    }
+    match stream.try_write_vectored(&slices[..k])? {
+        0 => Err(io::ErrorKind::WriteZero.into()),
+        n if written + n == total => Ok(None),
+        n => Ok(Some(written + n)),
+    }
 }
 
 /// `len` in hex and CRLF: a chunk's size line.
