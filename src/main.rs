@@ -212,7 +212,12 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("eventgate: {e}");
-            ExitCode::FAILURE
+            // Like clap's usage errors: a mistake to fix, not a failure to retry.
+            if e.is_config() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -598,6 +598,6 @@ fn the_token_command_mints_what_the_gateway_accepts() {
         .env("EVENTGATE_JWT_SECRET", SECRET)
         .output()
         .unwrap();
-    assert!(!bad.status.success());
+    assert_eq!(bad.status.code(), Some(2), "a usage mistake exits 2");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown scope"));
 }
