@@ -1054,39 +1054,26 @@ async fn event_streams_follow_http1_and_keep_their_connection_usable() {
     assert_eq!(conn.read_head().await.unwrap().0, 200);
 
     // Pipelined requests and HTTP/1.0 go to hyper, and are answered all the same.
-    let mut raw = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let twice = format!(
+    let exchange = |request: String| async move {
+        let mut raw = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut raw, request.as_bytes())
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        let read = tokio::io::AsyncReadExt::read_to_string(&mut raw, &mut answer);
+        tokio::time::timeout(PATIENCE, read).await.unwrap().unwrap();
+        answer
+    };
+    let answer = exchange(format!(
         "GET {path} HTTP/1.1\r\nHost: t\r\nLast-Event-ID: 4\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    );
-    tokio::io::AsyncWriteExt::write_all(&mut raw, twice.as_bytes())
-        .await
-        .unwrap();
-    let mut answer = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::io::AsyncReadExt::read_to_string(&mut raw, &mut answer),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    ))
+    .await;
     assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
     assert!(
         answer.contains("HTTP/1.1 200") && answer.ends_with(r#"{"status":"ok"}"#),
         "{answer}"
     );
-    let mut old = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.0\r\n\r\n");
-    tokio::io::AsyncWriteExt::write_all(&mut old, request.as_bytes())
-        .await
-        .unwrap();
-    let mut answer = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::io::AsyncReadExt::read_to_string(&mut old, &mut answer),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let answer = exchange(format!("GET {path} HTTP/1.0\r\n\r\n")).await;
     assert!(
         answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
         "{answer}"
