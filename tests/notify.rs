@@ -239,3 +239,44 @@ async fn a_worker_with_notify_off_sends_no_notify_and_is_delivered_in_full() {
         "no NOTIFY from the worker's session"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_notify_settings_fall_back_to_the_defaults_and_never_fail_a_write() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let job = create_job(&db).await;
+    let (_listener, mut rx) = listen(&url).await;
+
+    let odd = eventgate::db::connect(&url).await.unwrap();
+    odd.batch_execute(
+        "SET eventgate.notify = 'sometimes'; \
+         SET eventgate.notify_debounce = 'soon'; \
+         SET eventgate.notify_global_interval = 'now and then'",
+    )
+    .await
+    .unwrap();
+    // An unknown mode is the default, and bad durations are the default ones: a quiet
+    // job's first statement notifies, the next ones inside 50 ms do not.
+    for _ in 0..3 {
+        insert(&odd, job, 1, "odd").await;
+    }
+    let first = next_notifications(&mut rx, 1).await.remove(0);
+    assert_eq!(first, format!("{job}:1"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(drain(&mut rx).is_empty(), "debounced as by default");
+
+    // A global interval of 0 leaves only the per-job debounce.
+    odd.batch_execute(
+        "SET eventgate.notify_global_interval = '0'; SET eventgate.notify_debounce = '0'",
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        insert(&odd, job, 1, "each").await;
+    }
+    let got = next_notifications(&mut rx, 3).await;
+    assert_eq!(
+        got,
+        (4..=6).map(|s| format!("{job}:{s}")).collect::<Vec<_>>()
+    );
+}
