@@ -12,7 +12,9 @@
 //! machine (disk, autovacuum, checkpoints, a neighbour's build) hits them alike; each
 //! mode's rate is compared with the ceiling of its own round.
 //!
-//! Extra flags, for experiments: `--rounds N`, `--seconds S`, `--modes a,b`.
+//! Extra flags, for experiments: `--rounds N`, `--seconds S`, `--modes a,b`, and
+//! `--database-url URL` to use a running PostgreSQL (say, one with pg_stat_statements)
+//! instead of a throwaway cluster.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,6 +47,8 @@ struct Outcome {
     /// The gateway's live table reads and counter polls.
     reads: u64,
     polls: u64,
+    /// Seconds between the two reads of the gateway's metrics.
+    metrics_span: f64,
     batches: u64,
     deliveries: usize,
     gaps: usize,
@@ -84,6 +88,7 @@ struct Plan {
     seconds: u64,
     rounds: usize,
     modes: Vec<&'static str>,
+    database_url: Option<String>,
 }
 
 fn plan() -> Plan {
@@ -107,6 +112,7 @@ fn plan() -> Plan {
         seconds: value("--seconds").map_or(seconds, |v| v.parse().expect("--seconds N")),
         rounds: value("--rounds").map_or(rounds, |v| v.parse().expect("--rounds N")),
         modes,
+        database_url: value("--database-url"),
     }
 }
 
@@ -117,13 +123,21 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    eprintln!("starting PostgreSQL (fsync on)...");
-    let cluster = Cluster::start(Options {
-        fsync: true,
-        max_connections: 100,
-    })
-    .expect("start postgresql");
-    let url = cluster.url();
+    let cluster = match &plan.database_url {
+        Some(_) => None,
+        None => {
+            eprintln!("starting PostgreSQL (fsync on)...");
+            let options = Options {
+                fsync: true,
+                max_connections: 100,
+            };
+            Some(Cluster::start(options).expect("start postgresql"))
+        }
+    };
+    let url = match (&cluster, &plan.database_url) {
+        (Some(cluster), _) => cluster.url(),
+        (None, url) => url.clone().expect("a database url"),
+    };
     let outcomes = rt.block_on(async {
         eventgate::db::migrate(&url).await.unwrap();
         let db = eventgate::db::connect(&url).await.unwrap();
@@ -221,7 +235,12 @@ fn summarize(plan: &Plan, outcomes: Vec<(usize, Outcome)>) -> Vec<Summary> {
             ),
             notifications: mine.iter().map(|(_, o)| o.notifications).sum(),
             reads_per_batch: reads as f64 / batches.max(1) as f64,
-            polls_per_s: polls as f64 / (mine.len() as f64 * plan.seconds as f64),
+            polls_per_s: polls as f64
+                / mine
+                    .iter()
+                    .map(|(_, o)| o.metrics_span)
+                    .sum::<f64>()
+                    .max(1e-9),
             deliveries: mine.iter().map(|(_, o)| o.deliveries).sum(),
             gaps: mine.iter().map(|(_, o)| o.gaps).sum(),
             latencies_us,
@@ -384,6 +403,7 @@ async fn run_mode(
     // Let the subscribers' streams settle (and the writers connect).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let metrics_before = gateway_metrics(&gateway).await;
+    let metrics_at = Instant::now();
     let cpu_before = Cpu::sample(gateway.as_ref().map(Gateway::pid), postmaster);
     let started = Instant::now();
     *deadline.lock().unwrap() = Some(started + window);
@@ -407,6 +427,7 @@ async fn run_mode(
         gaps += g;
     }
     let metrics_after = gateway_metrics(&gateway).await;
+    let metrics_span = metrics_at.elapsed().as_secs_f64();
     if let Some(gateway) = gateway {
         gateway.stop();
     }
@@ -419,6 +440,7 @@ async fn run_mode(
         notifications: metrics_after[0] - metrics_before[0],
         reads: metrics_after[1] - metrics_before[1],
         polls: metrics_after[2] - metrics_before[2],
+        metrics_span,
         batches,
         deliveries,
         gaps,
