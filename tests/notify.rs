@@ -280,3 +280,27 @@ async fn bad_notify_settings_fall_back_to_the_defaults_and_never_fail_a_write() 
         (4..=6).map(|s| format!("{job}:{s}")).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_counter_poll_reads_past_its_page_and_across_jobs_in_one_query() {
+    let url = database().await;
+    let gw = Gateway::start(&url).await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let jobs = [create_job(&db).await, create_job(&db).await];
+    let mut streams =
+        futures::future::join_all(jobs.iter().map(|j| Sse::job(gw.addr, *j, None))).await;
+
+    // No notifications at all: only the poll delivers. One statement far larger than
+    // the poll's page of 100 per job, on two jobs between two polls.
+    let bulk = eventgate::db::connect(&url).await.unwrap();
+    bulk.batch_execute("SET eventgate.notify = off")
+        .await
+        .unwrap();
+    let polls_before = gw.metric("eventgate_counter_polls_total").await;
+    insert(&bulk, jobs[0], 250, "big").await;
+    insert(&bulk, jobs[1], 3, "small").await;
+    insert(&bulk, jobs[0], 5, "after").await;
+    assert_exact(&seqs(&streams[0].until_seq(255).await), 1, 255);
+    assert_exact(&seqs(&streams[1].until_seq(3).await), 1, 3);
+    assert!(gw.metric("eventgate_counter_polls_total").await > polls_before);
+}
