@@ -56,6 +56,9 @@ struct Outcome {
     deliveries: usize,
     gaps: usize,
     latencies_us: Vec<u64>,
+    /// From the writer's receipt of the commit (its `execute` returning) to receipt by
+    /// the subscriber; 0 when the event arrived first.
+    ack_latencies_us: Vec<u64>,
     /// CPU over the write window, in % of one core.
     gateway_cpu: f64,
     postgres_cpu: f64,
@@ -81,6 +84,7 @@ struct Summary {
     deliveries: usize,
     gaps: usize,
     latencies_us: Vec<u64>,
+    ack_latencies_us: Vec<u64>,
     gateway_cpu: f64,
     postgres_cpu: f64,
     bench_cpu: f64,
@@ -103,7 +107,7 @@ fn plan() -> Plan {
             .cloned()
     };
     let quick = args.iter().any(|a| a == "--quick");
-    let (seconds, rounds) = if quick { (3, 2) } else { (6, 7) };
+    let (seconds, rounds) = if quick { (3, 2) } else { (6, 9) };
     let modes = match value("--modes") {
         Some(list) => MODES
             .into_iter()
@@ -229,6 +233,11 @@ fn summarize(plan: &Plan, outcomes: Vec<(usize, Outcome)>) -> Vec<Summary> {
             .flat_map(|(_, o)| o.latencies_us.iter().copied())
             .collect();
         latencies_us.sort_unstable();
+        let mut ack_latencies_us: Vec<u64> = mine
+            .iter()
+            .flat_map(|(_, o)| o.ack_latencies_us.iter().copied())
+            .collect();
+        ack_latencies_us.sort_unstable();
         out.push(Summary {
             mode,
             batches_per_s: median(&rates),
@@ -248,6 +257,7 @@ fn summarize(plan: &Plan, outcomes: Vec<(usize, Outcome)>) -> Vec<Summary> {
             deliveries: mine.iter().map(|(_, o)| o.deliveries).sum(),
             gaps: mine.iter().map(|(_, o)| o.gaps).sum(),
             latencies_us,
+            ack_latencies_us,
             gateway_cpu: mean(&|o| o.gateway_cpu),
             postgres_cpu: mean(&|o| o.postgres_cpu),
             bench_cpu: mean(&|o| o.bench_cpu),
@@ -391,17 +401,22 @@ async fn run_mode(
                 .await
                 .unwrap();
             let mut rng = fastrand::Rng::with_seed(w as u64);
+            // (job, send time, commit acknowledged), for the latency from the commit.
+            let mut acks = Vec::new();
             go.wait().await;
             let deadline = deadline.lock().unwrap().expect("set before the start");
             while Instant::now() < deadline {
                 let job = jobs[rng.usize(..jobs.len())];
-                let t = now_us().to_string();
+                let sent = now_us();
                 client
-                    .execute(&stmt, &[&job, &t, &ROWS_PER_BATCH])
+                    .execute(&stmt, &[&job, &sent.to_string(), &ROWS_PER_BATCH])
                     .await
                     .unwrap();
+                acks.push((job, sent, now_us()));
                 batches.fetch_add(1, Ordering::Relaxed);
             }
+            // The client too: its backend must still be there for the CPU sample.
+            (client, acks)
         }));
     }
     // Let the subscribers' streams settle (and the writers connect).
@@ -412,11 +427,16 @@ async fn run_mode(
     let started = Instant::now();
     *deadline.lock().unwrap() = Some(started + window);
     go.wait().await;
+    let mut clients = Vec::new();
+    let mut acks = std::collections::HashMap::new();
     for w in writers {
-        w.await.unwrap();
+        let (client, list) = w.await.unwrap();
+        clients.push(client);
+        acks.extend(list.into_iter().map(|(job, sent, ack)| ((job, sent), ack)));
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_after = Cpu::sample(gateway.as_ref().map(Gateway::pid), postmaster);
+    drop(clients);
     let load = loadavg();
     let batches = batches.load(Ordering::Relaxed);
 
@@ -435,8 +455,17 @@ async fn run_mode(
     if let Some(gateway) = gateway {
         gateway.stop();
     }
-    let mut latencies_us = std::mem::take(&mut *latencies.lock().unwrap());
+    let received = std::mem::take(&mut *latencies.lock().unwrap());
+    let mut latencies_us: Vec<u64> = received
+        .iter()
+        .map(|(_, sent, at)| at.saturating_sub(*sent))
+        .collect();
     latencies_us.sort_unstable();
+    let mut ack_latencies_us: Vec<u64> = received
+        .iter()
+        .filter_map(|(job, sent, at)| Some(at.saturating_sub(*acks.get(&(*job, *sent))?)))
+        .collect();
+    ack_latencies_us.sort_unstable();
     let pct = |a: f64, b: f64| 100.0 * (b - a) / elapsed;
     Outcome {
         mode,
@@ -449,6 +478,7 @@ async fn run_mode(
         deliveries,
         gaps,
         latencies_us,
+        ack_latencies_us,
         gateway_cpu: pct(cpu_before.gateway, cpu_after.gateway),
         postgres_cpu: 100.0 * cpu_after.postgres_since(&cpu_before) / elapsed,
         bench_cpu: pct(cpu_before.bench, cpu_after.bench),
@@ -566,7 +596,7 @@ async fn subscribe(
     job: Uuid,
     after: i64,
     stop: Arc<AtomicBool>,
-    latencies: Arc<Mutex<Vec<u64>>>,
+    latencies: Arc<Mutex<Vec<(Uuid, u64, u64)>>>,
 ) -> (usize, usize) {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) =
@@ -616,7 +646,7 @@ async fn subscribe(
             last = Some(event.seq);
             received += 1;
             if let Ok(t) = event.message.parse::<u64>() {
-                local.push(at.saturating_sub(t));
+                local.push((job, t, at));
             }
         }
     }
@@ -680,17 +710,20 @@ fn report(plan: &Plan, summaries: &[Summary], load_before: f64, load_after: f64,
          process of its own. The modes take turns in a rotating order, {} round(s) of {} s each, \
          in one run. Rate: median over the rounds; of ceiling: median over the rounds of the rate \
          divided by the same round's ceiling (lowest-highest in brackets); CPU in % of one core, \
-         averaged over the rounds' write windows; NOTIFYs and deliveries summed; latencies \
-         (from the writer's send, so the commit itself included) pooled. 1-minute load average: \
+         averaged over the rounds' write windows; NOTIFYs and deliveries summed; reads/batch: \
+         the gateway's live reads (after a notification, or a poll that found events) per \
+         write batch of all 1,000 jobs; latencies pooled, from the writer's send (so the \
+         commit's own fsync wait included) to receipt by the subscriber, and p99 from the \
+         writer's receipt of the commit instead. 1-minute load average: \
          {load_before:.2} before the run, {load_mean:.2} on average at the end of the windows \
          (max {load_max:.2}), {load_after:.2} after.\n\n\
-         | mode | write batches/s | of ceiling | NOTIFYs | reads/batch | polls/s | deliveries | gaps | p50 ms | p99 ms | max ms | gateway CPU | postgres CPU | bench CPU | machine busy |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | mode | write batches/s | of ceiling | NOTIFYs | reads/batch | polls/s | deliveries | gaps | p50 ms | p99 ms | max ms | p99 ms from commit | gateway CPU | postgres CPU | bench CPU | machine busy |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         plan.rounds, plan.seconds,
     );
     for s in summaries {
         md.push_str(&format!(
-            "| {} | {:.0} | {:.1} % ({:.0}-{:.0}) | {} | {:.3} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} % | {:.0} % | {:.0} % | {:.0} % |\n",
+            "| {} | {:.0} | {:.1} % ({:.0}-{:.0}) | {} | {:.3} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} % | {:.0} % | {:.0} % | {:.0} % |\n",
             s.mode,
             s.batches_per_s,
             100.0 * s.of_ceiling,
@@ -704,6 +737,7 @@ fn report(plan: &Plan, summaries: &[Summary], load_before: f64, load_after: f64,
             pct(&s.latencies_us, 0.5),
             pct(&s.latencies_us, 0.99),
             pct(&s.latencies_us, 1.0),
+            pct(&s.ack_latencies_us, 0.99),
             s.gateway_cpu,
             s.postgres_cpu,
             s.bench_cpu,
