@@ -13,6 +13,7 @@
 //! mode's rate is compared with the ceiling of its own round.
 //!
 //! Extra flags, for experiments: `--rounds N`, `--seconds S`, `--modes a,b`, and
+//! `--counter-poll 15ms` for the gateway, and
 //! `--database-url URL` to use a running PostgreSQL (say, one with pg_stat_statements)
 //! instead of a throwaway cluster.
 
@@ -96,6 +97,8 @@ struct Plan {
     rounds: usize,
     modes: Vec<&'static str>,
     database_url: Option<String>,
+    /// The gateway's `--counter-poll`, when not its default.
+    counter_poll: Option<String>,
 }
 
 fn plan() -> Plan {
@@ -121,6 +124,7 @@ fn plan() -> Plan {
         rounds: value("--rounds").map_or(rounds, |v| v.parse().expect("--rounds N")),
         modes,
         database_url: value("--database-url"),
+        counter_poll: value("--counter-poll"),
     }
 }
 
@@ -183,7 +187,7 @@ fn main() {
                     plan.seconds
                 );
                 let window = Duration::from_secs(plan.seconds);
-                let outcome = run_mode(&url, mode, jobs.clone(), window, postmaster).await;
+                let outcome = run_mode(&url, mode, jobs.clone(), window, postmaster, &plan).await;
                 eprintln!(
                     "  {:.0} batches/s, gateway {:.0} %, postgres {:.0} %, bench {:.0} %, machine {:.0} % busy",
                     outcome.batches_per_s,
@@ -288,15 +292,19 @@ struct Gateway {
 }
 
 impl Gateway {
-    async fn start(url: &str) -> Gateway {
+    async fn start(url: &str, counter_poll: Option<&str>) -> Gateway {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-        let child = Command::new(env!("CARGO_BIN_EXE_eventgate"))
-            .args(["serve", "--listen", &addr.to_string()])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_eventgate"));
+        cmd.args(["serve", "--listen", &addr.to_string()]);
+        if let Some(interval) = counter_poll {
+            cmd.args(["--counter-poll", interval]);
+        }
+        let child = cmd
             .args(["--max-streams-per-client", "1000000"])
             .env("DATABASE_URL", url)
             .env("RUST_LOG", "warn")
@@ -325,12 +333,13 @@ async fn run_mode(
     jobs: Arc<Vec<Uuid>>,
     window: Duration,
     postmaster: u32,
+    plan: &Plan,
 ) -> Outcome {
     // The gateway, for the modes that deliver.
     let gateway = if mode == "ceiling" || mode == "trigger-only" {
         None
     } else {
-        Some(Gateway::start(url).await)
+        Some(Gateway::start(url, plan.counter_poll.as_deref()).await)
     };
     let gateway_metrics = |gateway: &Option<Gateway>| {
         let addr = gateway.as_ref().map(|g| g.addr);
