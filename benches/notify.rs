@@ -2,7 +2,7 @@
 //! W writers over 1,000 jobs (fsync on), for
 //!   (a) `always`: one NOTIFY per statement (the naive design),
 //!   (b) `debounced`: the default (per-job and global NOTIFY debounce, plus the
-//!       gateway's counter poll every 25 ms),
+//!       gateway's counter poll, every 20 ms by default),
 //!   (c) `ceiling`: no NOTIFY and no gateway at all: the database's own write ceiling,
 //! in one run. `cargo bench --bench notify [-- --quick]`.
 //!
@@ -12,8 +12,8 @@
 //! machine (disk, autovacuum, checkpoints, a neighbour's build) hits them alike; each
 //! mode's rate is compared with the ceiling of its own round.
 //!
-//! Extra flags, for experiments: `--rounds N`, `--seconds S`, `--modes a,b`, and
-//! `--counter-poll 15ms` for the gateway, and
+//! Extra flags, for experiments: `--rounds N`, `--seconds S`, `--modes a,b` (also
+//! `trigger-only` and `poll-only`), `--counter-poll 15ms` for the gateway, and
 //! `--database-url URL` to use a running PostgreSQL (say, one with pg_stat_statements)
 //! instead of a throwaway cluster.
 
@@ -449,7 +449,7 @@ async fn run_mode(
     let load = loadavg();
     let batches = batches.load(Ordering::Relaxed);
 
-    // Let the last batches arrive (the bound is the counter poll: 25 ms), then stop.
+    // Let the last batches arrive (the bound is the counter poll: 20 ms by default), then stop.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, Ordering::Relaxed);
     let mut deliveries = 0;
