@@ -19,6 +19,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_debounced_notify.sql",
         include_str!("../sql/0002_debounced_notify.sql"),
     ),
+    (
+        "0003_cheaper_notify_check.sql",
+        include_str!("../sql/0003_cheaper_notify_check.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serializes concurrent `migrate` runs.

@@ -9,7 +9,9 @@
 //! read task for that job, and notifications arriving while it runs only mark it dirty,
 //! so a burst costs one or two reads whatever the number of subscribers. The read takes
 //! `seq > last_seq`, which is a contiguous range because seqs are gap-free and
-//! commit-ordered (see `sql/`).
+//! commit-ordered (see `sql/`). The counter poll (`poll_counters`) is the other way in:
+//! on a timer, one query reads what is new for every job no read task holds, so events
+//! whose NOTIFY was debounced cost no query of their own.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +29,10 @@ use crate::store;
 
 /// Events per table read.
 pub const READ_PAGE: i64 = 1000;
+
+/// Events per job in one counter poll; a job with more is left to its own read task.
+/// Small enough that the planner walks each job's `(job_id, seq)` index in order.
+const POLL_PAGE: i64 = 100;
 
 /// How long a new subscriber waits for the database before getting a 503.
 const SUBSCRIBE_PATIENCE: Duration = Duration::from_secs(15);
@@ -277,26 +283,66 @@ impl Hub {
         }
     }
 
-    /// One query over the counters of every job with state: any job whose `last_seq`
-    /// is ahead of ours is read. This delivers what debounced or suppressed
-    /// notifications did not announce (see `sql/0002_debounced_notify.sql`), and costs
-    /// one query per interval for all jobs together, none when no one is subscribed.
+    /// One query over the new events of every job with state that no read task is
+    /// reading: whatever was committed after each job's `last_seq` is delivered. This
+    /// delivers what debounced or suppressed notifications did not announce (see
+    /// `sql/0002_debounced_notify.sql`), and costs one query per interval for all jobs
+    /// together (an index probe per job), none when no one is subscribed. Events are
+    /// read in the same query, not by a read per job afterwards: under load most events
+    /// come this way, so that saves a query per job with news on every tick.
     pub async fn poll_counters(&self) -> Result<(), crate::Error> {
-        let ids: Vec<Uuid> = self.jobs().keys().copied().collect();
-        if ids.is_empty() {
+        // Claim the jobs as a read task would (`reading` set), so that wakes during the
+        // query mark them dirty instead of starting a read that would race this one.
+        let claimed: Vec<(Arc<Job>, i64)> = self
+            .jobs()
+            .values()
+            .filter_map(|job| {
+                let mut state = job.lock();
+                if state.reading {
+                    return None;
+                }
+                state.reading = true;
+                state.dirty = false;
+                state.wanted = 0;
+                Some((job.clone(), state.last_seq))
+            })
+            .collect();
+        if claimed.is_empty() {
             return Ok(());
         }
-        let client = self.inner.pool.get().await?;
-        let stmt = client
-            .prepare_cached("SELECT id, last_seq FROM agent_jobs WHERE id = ANY($1)")
-            .await?;
-        let rows = client.query(&stmt, &[&ids]).await;
-        crate::db::release(client, &rows);
-        self.inner.metrics.counter_polls.inc();
-        for row in rows? {
-            self.wake(row.get(0), row.get(1));
+        let ids: Vec<Uuid> = claimed.iter().map(|(job, _)| job.id).collect();
+        let afters: Vec<i64> = claimed.iter().map(|(_, after)| *after).collect();
+        let result = async {
+            let client = self.inner.pool.get().await?;
+            let events = store::events_after_each(&client, &ids, &afters, POLL_PAGE).await;
+            crate::db::release(client, &events);
+            Ok::<_, crate::Error>(events?)
         }
-        Ok(())
+        .await;
+        self.inner.metrics.counter_polls.inc();
+        let mut news: HashMap<Uuid, Vec<sse::Event>> = HashMap::new();
+        let outcome = result.map(|events| {
+            for event in events {
+                news.entry(event.job_id).or_default().push(event);
+            }
+        });
+        if !news.is_empty() {
+            self.inner.metrics.table_reads_live.inc();
+        }
+        for (job, _) in claimed {
+            let events = news.remove(&job.id).unwrap_or_default();
+            let full = events.len() as i64 == POLL_PAGE;
+            if !events.is_empty() {
+                self.deliver(&job, &events, full);
+            }
+            // A full page, or a wake during the query for more than it found: the
+            // job's own read task takes over (and, after a failed query, retries).
+            if self.keep_reading(&job, full) {
+                let hub = self.clone();
+                tokio::spawn(async move { hub.read_loop(job).await });
+            }
+        }
+        outcome
     }
 
     /// Reads and broadcasts until the job has nothing new and no notification is
@@ -327,37 +373,50 @@ impl Hub {
             };
             let full = events.len() as i64 == READ_PAGE;
             if !events.is_empty() {
-                let batch = Arc::new(Batch::encode(&events, !full));
-                let metrics = &self.inner.metrics;
-                metrics.batches_encoded.inc();
-                let receivers = job.publish(batch.clone(), &self.inner.settings) as u64;
-                metrics
-                    .events_delivered
-                    .add(batch.len_events() as u64 * receivers);
-                metrics
-                    .bytes_delivered
-                    .add(batch.len_bytes() as u64 * receivers);
-                let now_us = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_micros() as i64)
-                    .unwrap_or_default();
-                for event in &events {
-                    metrics
-                        .commit_to_send
-                        .observe_us(now_us.saturating_sub(event.created_us).max(0) as u64);
-                }
+                self.deliver(&job, &events, full);
             }
-            let mut state = job.lock();
-            // Read again when the page was full, or when a wake that came during the
-            // read asked for more than it found (its events committed after our read's
-            // snapshot). A wake for what we just read costs nothing.
-            if full || (state.dirty && state.wanted > state.last_seq) {
-                continue;
+            if !self.keep_reading(&job, full) {
+                return;
             }
-            state.reading = false;
-            state.dirty = false;
-            return;
         }
+    }
+
+    /// Encodes freshly read events once and broadcasts them. `full`: the read stopped
+    /// at its page size, so it may not have reached the end of the table.
+    fn deliver(&self, job: &Job, events: &[sse::Event], full: bool) {
+        let batch = Arc::new(Batch::encode(events, !full));
+        let metrics = &self.inner.metrics;
+        metrics.batches_encoded.inc();
+        let receivers = job.publish(batch.clone(), &self.inner.settings) as u64;
+        metrics
+            .events_delivered
+            .add(batch.len_events() as u64 * receivers);
+        metrics
+            .bytes_delivered
+            .add(batch.len_bytes() as u64 * receivers);
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or_default();
+        for event in events {
+            metrics
+                .commit_to_send
+                .observe_us(now_us.saturating_sub(event.created_us).max(0) as u64);
+        }
+    }
+
+    /// After a read of a job that holds `reading`: whether to read again, keeping the
+    /// claim, or to release it. Read again when the page was full, or when a wake that
+    /// came during the read asked for more than it found (its events committed after
+    /// the read's snapshot). A wake for what was just read costs nothing.
+    fn keep_reading(&self, job: &Job, full: bool) -> bool {
+        let mut state = job.lock();
+        if full || (state.dirty && state.wanted > state.last_seq) {
+            return true;
+        }
+        state.reading = false;
+        state.dirty = false;
+        false
     }
 
     async fn read(&self, job_id: Uuid, after: i64) -> Result<Vec<sse::Event>, crate::Error> {

@@ -112,9 +112,9 @@ struct GatewayArgs {
     /// Largest message of one appended event in bytes (larger gets 413).
     #[arg(long, env = "EVENTGATE_MAX_MESSAGE", default_value_t = config::DEFAULT_MAX_MESSAGE)]
     max_message: usize,
-    /// Interval of the query over served jobs' counters that delivers events whose
+    /// Interval of the query over served jobs' new events that delivers events whose
     /// NOTIFY was debounced or suppressed (0 turns it off).
-    #[arg(long, env = "EVENTGATE_COUNTER_POLL", default_value = "25ms", value_parser = config::parse_duration)]
+    #[arg(long, env = "EVENTGATE_COUNTER_POLL", default_value = "20ms", value_parser = config::parse_duration)]
     counter_poll: std::time::Duration,
     /// Largest `limit` of a polling page.
     #[arg(long, env = "EVENTGATE_MAX_PAGE", default_value_t = config::MAX_PAGE)]

@@ -207,7 +207,7 @@ impl Metrics {
             &mut out,
             "eventgate_counter_polls_total",
             "counter",
-            "Queries over the counters of served jobs (the debounced-notify safety net).",
+            "Polls over the new events of every served job (the debounced-notify safety net).",
             self.counter_polls.get(),
         );
         family(

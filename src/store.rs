@@ -216,6 +216,28 @@ pub async fn events_after(
     Ok(rows.iter().map(event_from_row).collect())
 }
 
+/// For each job `ids[i]`, its first `limit` events with `seq > afters[i]`, in ONE
+/// query (an index probe per job), ordered by job and seq.
+pub async fn events_after_each(
+    client: &deadpool_postgres::Client,
+    ids: &[Uuid],
+    afters: &[i64],
+    limit: i64,
+) -> Result<Vec<Event>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} \
+         FROM unnest($1::uuid[], $2::int8[]) AS c(want_job, after_seq) \
+         CROSS JOIN LATERAL ( \
+             SELECT * FROM agent_job_events \
+             WHERE job_id = c.want_job AND seq > c.after_seq ORDER BY seq LIMIT $3 \
+         ) e \
+         ORDER BY job_id, seq"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    let rows = client.query(&stmt, &[&ids, &afters, &limit]).await?;
+    Ok(rows.iter().map(event_from_row).collect())
+}
+
 /// The last `limit` events with `seq < before`, ascending (the newest page of a log,
 /// then older pages as a viewer scrolls up).
 pub async fn events_before(

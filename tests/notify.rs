@@ -239,3 +239,68 @@ async fn a_worker_with_notify_off_sends_no_notify_and_is_delivered_in_full() {
         "no NOTIFY from the worker's session"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_notify_settings_fall_back_to_the_defaults_and_never_fail_a_write() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let job = create_job(&db).await;
+    let (_listener, mut rx) = listen(&url).await;
+
+    let odd = eventgate::db::connect(&url).await.unwrap();
+    odd.batch_execute(
+        "SET eventgate.notify = 'sometimes'; \
+         SET eventgate.notify_debounce = 'soon'; \
+         SET eventgate.notify_global_interval = 'now and then'",
+    )
+    .await
+    .unwrap();
+    // An unknown mode is the default, and bad durations are the default ones: a quiet
+    // job's first statement notifies, the next ones inside 50 ms do not.
+    for _ in 0..3 {
+        insert(&odd, job, 1, "odd").await;
+    }
+    let first = next_notifications(&mut rx, 1).await.remove(0);
+    assert_eq!(first, format!("{job}:1"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(drain(&mut rx).is_empty(), "debounced as by default");
+
+    // A global interval of 0 leaves only the per-job debounce.
+    odd.batch_execute(
+        "SET eventgate.notify_global_interval = '0'; SET eventgate.notify_debounce = '0'",
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        insert(&odd, job, 1, "each").await;
+    }
+    let got = next_notifications(&mut rx, 3).await;
+    assert_eq!(
+        got,
+        (4..=6).map(|s| format!("{job}:{s}")).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_counter_poll_reads_past_its_page_and_across_jobs_in_one_query() {
+    let url = database().await;
+    let gw = Gateway::start(&url).await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let jobs = [create_job(&db).await, create_job(&db).await];
+    let mut streams =
+        futures::future::join_all(jobs.iter().map(|j| Sse::job(gw.addr, *j, None))).await;
+
+    // No notifications at all: only the poll delivers. One statement far larger than
+    // the poll's page of 100 per job, on two jobs between two polls.
+    let bulk = eventgate::db::connect(&url).await.unwrap();
+    bulk.batch_execute("SET eventgate.notify = off")
+        .await
+        .unwrap();
+    let polls_before = gw.metric("eventgate_counter_polls_total").await;
+    insert(&bulk, jobs[0], 250, "big").await;
+    insert(&bulk, jobs[1], 3, "small").await;
+    insert(&bulk, jobs[0], 5, "after").await;
+    assert_exact(&seqs(&streams[0].until_seq(255).await), 1, 255);
+    assert_exact(&seqs(&streams[1].until_seq(3).await), 1, 3);
+    assert!(gw.metric("eventgate_counter_polls_total").await > polls_before);
+}
