@@ -18,7 +18,9 @@
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -369,11 +371,18 @@ async fn pump(
                 .now_or_never()
                 .unwrap_or_else(|| Some(Ok(Frame::data(Bytes::new()))))
         } else {
-            tokio::select! {
-                biased;
-                frame = body.frame() => frame,
-                ready = stream.readable() => {
-                    ready?;
+            // The socket's read readiness has a waker slot of its own: no waiter to
+            // register and remove around every frame, unlike `readable()`.
+            let wake = std::future::poll_fn(|cx| {
+                if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+                    return Poll::Ready(Ok(Some(frame)));
+                }
+                stream.poll_read_ready(cx).map_ok(|()| None)
+            })
+            .await?;
+            match wake {
+                Some(frame) => frame,
+                None => {
                     match read_stray(stream)? {
                         Some(false) => return Ok(false),
                         // Bytes while streaming: a pipelined request. It is not
@@ -447,7 +456,7 @@ async fn write_frames(
 ) -> io::Result<()> {
     let mut written = 0usize;
     loop {
-        stream.writable().await?;
+        std::future::poll_fn(|cx| stream.poll_write_ready(cx)).await?;
         match try_write_frames(stream, written, prefix, frames, chunked, last) {
             Ok(Some(n)) => written = n,
             Ok(None) => return Ok(()),
