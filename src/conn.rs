@@ -24,9 +24,8 @@ use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures::FutureExt;
-use http_body_util::{BodyExt, Empty};
-use hyper::body::{Body as _, Frame};
+use http_body_util::Empty;
+use hyper::body::Body as _;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -350,6 +349,11 @@ fn encode_head(
 /// time when several are waiting (the head goes with whatever is ready at once), while
 /// watching the socket so that a client who leaves is noticed even when no frame is
 /// due. Returns whether the connection may serve another request.
+///
+/// One hand-written poll, for the cost per delivery: frames are gathered until the body
+/// is pending, written at once, and the task then sleeps without polling the body again
+/// (each pending poll of a broadcast receiver takes the channel's lock, shared by every
+/// subscriber of the job).
 async fn pump(
     stream: &TcpStream,
     head: Vec<u8>,
@@ -357,70 +361,115 @@ async fn pump(
     framing: Framing,
 ) -> io::Result<bool> {
     let chunked = matches!(framing, Framing::Chunked);
-    if matches!(framing, Framing::None) {
-        write_frames(stream, &head, &[], false, false).await?;
-        return Ok(true);
-    }
-    let mut head = Some(head);
+    let mut out = Output {
+        prefix: head,
+        frames: Default::default(),
+        count: 0,
+        last: false,
+        written: 0,
+    };
+    let mut ended = matches!(framing, Framing::None);
     let mut reusable = true;
-    let mut batch: [Bytes; WRITE_BATCH] = Default::default();
-    loop {
-        let frame = if head.is_some() {
-            // Nothing ready: the head goes alone.
-            body.frame()
-                .now_or_never()
-                .unwrap_or_else(|| Some(Ok(Frame::data(Bytes::new()))))
-        } else {
-            // The socket's read readiness has a waker slot of its own: no waiter to
-            // register and remove around every frame, unlike `readable()`.
-            let wake = std::future::poll_fn(|cx| {
-                if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
-                    return Poll::Ready(Ok(Some(frame)));
-                }
-                stream.poll_read_ready(cx).map_ok(|()| None)
-            })
-            .await?;
-            match wake {
-                Some(frame) => frame,
-                None => {
-                    match read_stray(stream)? {
-                        Some(false) => return Ok(false),
-                        // Bytes while streaming: a pipelined request. It is not
-                        // answered; the connection closes after the stream instead.
-                        Some(true) => reusable = false,
-                        None => {}
+    std::future::poll_fn(|cx| {
+        // Whether the body returned pending in this poll, its waker set.
+        let mut body_waiting = false;
+        loop {
+            while !ended && !body_waiting && out.count < WRITE_BATCH {
+                match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Ok(data) = frame.into_data() {
+                            if !data.is_empty() {
+                                out.frames[out.count] = data;
+                                out.count += 1;
+                            }
+                        }
                     }
-                    continue;
+                    Poll::Ready(Some(Err(never))) => match never {},
+                    Poll::Ready(None) => {
+                        ended = true;
+                        out.last = chunked;
+                    }
+                    Poll::Pending => body_waiting = true,
                 }
             }
-        };
-        let mut count = 0;
-        let mut ended = frame.is_none();
-        let mut frame = frame;
-        while let Some(Ok(f)) = frame {
-            if let Ok(data) = f.into_data() {
-                if !data.is_empty() {
-                    batch[count] = data;
-                    count += 1;
+            if out.is_pending() {
+                match stream.poll_write_ready(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {}
+                }
+                match out.try_write(stream, chunked) {
+                    Ok(true) => out.clear(),
+                    // Part of it, or none: try again until the socket says it is full.
+                    Ok(false) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
                 }
             }
-            if count == WRITE_BATCH {
-                break;
+            if ended {
+                return Poll::Ready(Ok(reusable));
             }
-            frame = match body.frame().now_or_never() {
-                Some(next) => {
-                    ended = next.is_none();
-                    next
-                }
-                None => None,
-            };
+            if !body_waiting {
+                // The batch was full: gather more.
+                continue;
+            }
+            match stream.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => match read_stray(stream) {
+                    Err(e) => return Poll::Ready(Err(e)),
+                    Ok(Some(false)) => return Poll::Ready(Ok(false)),
+                    // Bytes while streaming: a pipelined request. It is not answered;
+                    // the connection closes after the stream instead.
+                    Ok(Some(true)) => reusable = false,
+                    Ok(None) => {}
+                },
+            }
         }
-        let prefix = head.take().unwrap_or_default();
-        write_frames(stream, &prefix, &batch[..count], chunked, ended && chunked).await?;
-        drop(prefix);
-        batch.iter_mut().take(count).for_each(|b| *b = Bytes::new());
-        if ended {
-            return Ok(reusable);
+    })
+    .await
+}
+
+/// What is due on the wire: a response head, then frames, then the last chunk.
+struct Output {
+    prefix: Vec<u8>,
+    frames: [Bytes; WRITE_BATCH],
+    count: usize,
+    /// The last chunk of a chunked body is due.
+    last: bool,
+    /// Bytes of all that already written.
+    written: usize,
+}
+
+impl Output {
+    fn is_pending(&self) -> bool {
+        !self.prefix.is_empty() || self.count > 0 || self.last
+    }
+
+    fn clear(&mut self) {
+        self.prefix = Vec::new();
+        self.frames[..self.count].fill(Bytes::new());
+        self.count = 0;
+        self.last = false;
+        self.written = 0;
+    }
+
+    /// One `writev` of what is left: whether all of it is written now.
+    fn try_write(&mut self, stream: &TcpStream, chunked: bool) -> io::Result<bool> {
+        let frames = &self.frames[..self.count];
+        match try_write_frames(
+            stream,
+            self.written,
+            &self.prefix,
+            frames,
+            chunked,
+            self.last,
+        )? {
+            Some(written) => {
+                self.written = written;
+                Ok(false)
+            }
+            None => Ok(true),
         }
     }
 }
@@ -444,27 +493,6 @@ fn read_stray(stream: &TcpStream) -> io::Result<Option<bool>> {
 
 /// The end of a chunked body.
 const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
-
-/// Writes `prefix`, then `frames` (as chunks when `chunked`, then the last chunk when
-/// `last`) with as few `writev` calls as the socket allows.
-async fn write_frames(
-    stream: &TcpStream,
-    prefix: &[u8],
-    frames: &[Bytes],
-    chunked: bool,
-    last: bool,
-) -> io::Result<()> {
-    let mut written = 0usize;
-    loop {
-        std::future::poll_fn(|cx| stream.poll_write_ready(cx)).await?;
-        match try_write_frames(stream, written, prefix, frames, chunked, last) {
-            Ok(Some(n)) => written = n,
-            Ok(None) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
 
 /// One `writev` of what is left after `written` bytes: `Some(written)` while some is
 /// left, `None` when all is written. Not async, so that its arrays are not part of every
