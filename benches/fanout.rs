@@ -20,6 +20,8 @@
 
 #[path = "fanout/client.rs"]
 mod client;
+#[path = "common/proc.rs"]
+mod proc;
 #[path = "fanout/report.rs"]
 mod report;
 #[path = "fanout/servers.rs"]
@@ -407,12 +409,12 @@ fn run_case(
     if case.kind == CaseKind::Idle {
         std::thread::sleep(timing.warm);
         let cpu0 = server.cpu_seconds();
-        let own0 = systems::cpu_seconds(std::process::id());
+        let own0 = proc::cpu_seconds(std::process::id());
         let t0 = Instant::now();
         std::thread::sleep(timing.measure.min(Duration::from_secs(5)));
         let elapsed = t0.elapsed().as_secs_f64();
         let cpu = (server.cpu_seconds() - cpu0) / elapsed * 100.0;
-        let client_cpu = (systems::cpu_seconds(std::process::id()) - own0) / elapsed * 100.0;
+        let client_cpu = (proc::cpu_seconds(std::process::id()) - own0) / elapsed * 100.0;
         let memory = server.memory_kib();
         swarm.close(rt.handle());
         return Row {
@@ -456,7 +458,7 @@ fn run_case(
     );
     std::thread::sleep(timing.warm);
     let cpu0 = server.cpu_seconds();
-    let own0 = systems::cpu_seconds(std::process::id());
+    let own0 = proc::cpu_seconds(std::process::id());
     let reads0 = server.reads();
     let batches0 = writers.progress.batches.load(Ordering::Relaxed);
     let delivered0 = stats.delivered();
@@ -471,7 +473,7 @@ fn run_case(
     let delivered = stats.delivered() - delivered0;
     let batches = writers.progress.batches.load(Ordering::Relaxed) - batches0;
     let cpu = (server.cpu_seconds() - cpu0) / elapsed * 100.0;
-    let client_cpu = (systems::cpu_seconds(std::process::id()) - own0) / elapsed * 100.0;
+    let client_cpu = (proc::cpu_seconds(std::process::id()) - own0) / elapsed * 100.0;
     let reads1 = server.reads();
     let memory = server.memory_kib();
     let progress = writers.stop();

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use crate::proc::{children_of, cpu_seconds};
+
 /// Pooled connections of the gateway and of the polling server (the gateway's default).
 pub const POOL_SIZE: usize = 16;
 
@@ -331,37 +333,6 @@ http {{
 /// A port that was free a moment ago on 127.0.0.1.
 fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn children_of(parent: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| stat_fields(*pid).and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(parent))
-        .collect()
-}
-
-/// Fields of /proc/<pid>/stat after the command name (state is field 0).
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &text[text.rfind(')')? + 2..];
-    Some(after.split_whitespace().map(str::to_string).collect())
-}
-
-/// CPU seconds (user + system) used so far by one process.
-pub fn cpu_seconds(pid: u32) -> f64 {
-    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the name.
-    let Some(fields) = stat_fields(pid) else {
-        return 0.0;
-    };
-    let ticks: u64 =
-        fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
 }
 
 fn status_field(pid: u32, name: &str) -> Option<u64> {
