@@ -456,20 +456,44 @@ impl Output {
 
     /// One `writev` of what is left: whether all of it is written now.
     fn try_write(&mut self, stream: &TcpStream, chunked: bool) -> io::Result<bool> {
-        let frames = &self.frames[..self.count];
-        match try_write_frames(
-            stream,
-            self.written,
-            &self.prefix,
-            frames,
-            chunked,
-            self.last,
-        )? {
-            Some(written) => {
-                self.written = written;
-                Ok(false)
+        let mut sizes = [[0u8; 18]; WRITE_BATCH];
+        let mut parts: [&[u8]; 3 * WRITE_BATCH + 2] = [&[]; 3 * WRITE_BATCH + 2];
+        parts[0] = &self.prefix;
+        let mut n = 1;
+        for (frame, size) in self.frames[..self.count].iter().zip(sizes.iter_mut()) {
+            if chunked {
+                parts[n] = chunk_size(frame.len(), size);
+                parts[n + 2] = b"\r\n";
             }
-            None => Ok(true),
+            parts[n + 1] = frame;
+            n += 3;
+        }
+        if self.last {
+            parts[n] = LAST_CHUNK;
+            n += 1;
+        }
+        let total: usize = parts[..n].iter().map(|p| p.len()).sum();
+        let mut skip = self.written;
+        let mut slices = [IoSlice::new(&[]); 3 * WRITE_BATCH + 2];
+        let mut k = 0;
+        for part in &parts[..n] {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            slices[k] = IoSlice::new(&part[skip..]);
+            skip = 0;
+            k += 1;
+        }
+        if k == 0 {
+            return Ok(true);
+        }
+        match stream.try_write_vectored(&slices[..k])? {
+            0 => Err(io::ErrorKind::WriteZero.into()),
+            n => {
+                self.written += n;
+                Ok(self.written == total)
+            }
         }
     }
 }
@@ -493,56 +517,6 @@ fn read_stray(stream: &TcpStream) -> io::Result<Option<bool>> {
 
 /// The end of a chunked body.
 const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
-
-/// One `writev` of what is left after `written` bytes: `Some(written)` while some is
-/// left, `None` when all is written. Not async, so that its arrays are not part of every
-/// stream's future.
-fn try_write_frames(
-    stream: &TcpStream,
-    written: usize,
-    prefix: &[u8],
-    frames: &[Bytes],
-    chunked: bool,
-    last: bool,
-) -> io::Result<Option<usize>> {
-    let mut sizes = [[0u8; 18]; WRITE_BATCH];
-    let mut parts: [&[u8]; 3 * WRITE_BATCH + 2] = [&[]; 3 * WRITE_BATCH + 2];
-    parts[0] = prefix;
-    let mut n = 1;
-    for (frame, size) in frames.iter().zip(sizes.iter_mut()) {
-        if chunked {
-            parts[n] = chunk_size(frame.len(), size);
-            parts[n + 2] = b"\r\n";
-        }
-        parts[n + 1] = frame;
-        n += 3;
-    }
-    if last {
-        parts[n] = LAST_CHUNK;
-        n += 1;
-    }
-    let total: usize = parts[..n].iter().map(|p| p.len()).sum();
-    let mut skip = written;
-    let mut slices = [IoSlice::new(&[]); 3 * WRITE_BATCH + 2];
-    let mut k = 0;
-    for part in &parts[..n] {
-        if skip >= part.len() {
-            skip -= part.len();
-            continue;
-        }
-        slices[k] = IoSlice::new(&part[skip..]);
-        skip = 0;
-        k += 1;
-    }
-    if k == 0 {
-        return Ok(None);
-    }
-    match stream.try_write_vectored(&slices[..k])? {
-        0 => Err(io::ErrorKind::WriteZero.into()),
-        n if written + n == total => Ok(None),
-        n => Ok(Some(written + n)),
-    }
-}
 
 /// `len` in hex and CRLF: a chunk's size line.
 fn chunk_size(len: usize, out: &mut [u8; 18]) -> &[u8] {
