@@ -10,7 +10,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::cluster::{Cluster, Options};
-use crate::store::{self, NewEvent};
+use crate::model::{Level, NewEvent};
+use crate::store;
 use crate::{Config, Error};
 
 /// Demo jobs running at once.
@@ -157,30 +158,34 @@ async fn demo_job(url: String, number: u32, stop_rx: watch::Receiver<bool>) -> R
 
 fn demo_line(stage: &str, step: usize, tick: u32, line: u32) -> NewEvent {
     let (level, stream, message) = match (stage, tick % 7) {
-        (_, 0) if tick == 0 => ("info", "stdout", format!("\x1b[1;34m==> {stage}\x1b[0m")),
+        (_, 0) if tick == 0 => (
+            Level::Info,
+            "stdout",
+            format!("\x1b[1;34m==> {stage}\x1b[0m"),
+        ),
         ("build", 3) => (
-            "warn",
+            Level::Warn,
             "stderr",
             format!("\x1b[33mwarning\x1b[0m: unused variable `x{line}` (src/lib.rs:{line})"),
         ),
         ("test", 5) => (
-            "info",
+            Level::Info,
             "stdout",
             format!("test case_{line} ... \x1b[32mok\x1b[0m"),
         ),
         ("test", 6) if line % 5 == 0 => (
-            "error",
+            Level::Error,
             "stderr",
             format!("\x1b[31merror\x1b[0m: flaky test case_{line} retried"),
         ),
         _ => (
-            "info",
+            Level::Info,
             "stdout",
             format!("[{stage}] step {tick}: processed item {line}"),
         ),
     };
     NewEvent {
-        level: level.into(),
+        level,
         message,
         payload: json!({"kind": "log", "stream": stream, "stage": stage, "stepIndex": step}),
     }

@@ -24,7 +24,8 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
-use crate::sse::{self, Batch, End};
+use crate::model::{End, Event, JobStatus};
+use crate::sse::Batch;
 use crate::store;
 
 /// Events per table read.
@@ -180,7 +181,7 @@ impl Hub {
         let Some((status, last_seq)) = self.job_cursor(job_id).await? else {
             return Ok(Start::NotFound);
         };
-        let terminal = sse::is_terminal(&status);
+        let terminal = status.is_terminal();
         let end = terminal.then_some(End { status, last_seq });
         if let Some(end) = &end {
             if after >= end.last_seq {
@@ -214,7 +215,7 @@ impl Hub {
 
     /// The job's status and last seq, waiting out a short database outage (a restart)
     /// rather than failing a browser whose EventSource would not retry a 503.
-    async fn job_cursor(&self, job_id: Uuid) -> Result<Option<(String, i64)>, crate::Error> {
+    async fn job_cursor(&self, job_id: Uuid) -> Result<Option<(JobStatus, i64)>, crate::Error> {
         let deadline = Instant::now() + SUBSCRIBE_PATIENCE;
         let mut backoff = Backoff::new();
         loop {
@@ -320,7 +321,7 @@ impl Hub {
         }
         .await;
         self.inner.metrics.counter_polls.inc();
-        let mut news: HashMap<Uuid, Vec<sse::Event>> = HashMap::new();
+        let mut news: HashMap<Uuid, Vec<Event>> = HashMap::new();
         let outcome = result.map(|events| {
             for event in events {
                 news.entry(event.job_id).or_default().push(event);
@@ -383,7 +384,7 @@ impl Hub {
 
     /// Encodes freshly read events once and broadcasts them. `full`: the read stopped
     /// at its page size, so it may not have reached the end of the table.
-    fn deliver(&self, job: &Job, events: &[sse::Event], full: bool) {
+    fn deliver(&self, job: &Job, events: &[Event], full: bool) {
         let batch = Arc::new(Batch::encode(events, !full));
         let metrics = &self.inner.metrics;
         metrics.batches_encoded.inc();
@@ -419,7 +420,7 @@ impl Hub {
         false
     }
 
-    async fn read(&self, job_id: Uuid, after: i64) -> Result<Vec<sse::Event>, crate::Error> {
+    async fn read(&self, job_id: Uuid, after: i64) -> Result<Vec<Event>, crate::Error> {
         let client = self.inner.pool.get().await?;
         self.inner.metrics.table_reads_live.inc();
         let events = store::events_after(&client, job_id, after, None, READ_PAGE).await;

@@ -37,6 +37,7 @@ pub mod hub;
 pub mod limits;
 pub mod listen;
 pub mod metrics;
+pub mod model;
 pub mod prune;
 pub mod routes;
 pub mod server;

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::model::JobStatus;
 use crate::Error;
 
 /// Events deleted per statement.
@@ -14,17 +15,18 @@ pub const DEFAULT_BATCH: i64 = 5000;
 pub async fn run(url: &str, older_than: Duration, batch: i64) -> Result<u64, Error> {
     let client = crate::db::connect(url).await?;
     let seconds = older_than.as_secs_f64();
-    let stmt = client
-        .prepare(
-            "DELETE FROM agent_job_events WHERE id IN ( \
-                 SELECT e.id FROM agent_job_events e \
-                 JOIN agent_jobs j ON j.id = e.job_id \
-                 WHERE j.status IN ('succeeded', 'failed', 'cancelled', 'dead_letter') \
-                   AND j.finished_at < now() - make_interval(secs => $1) \
-                 LIMIT $2 \
-                 FOR UPDATE OF e SKIP LOCKED)",
-        )
-        .await?;
+    // The final statuses come from the model, so this list is not another copy.
+    let sql = format!(
+        "DELETE FROM agent_job_events WHERE id IN ( \
+             SELECT e.id FROM agent_job_events e \
+             JOIN agent_jobs j ON j.id = e.job_id \
+             WHERE j.status IN ({}) \
+               AND j.finished_at < now() - make_interval(secs => $1) \
+             LIMIT $2 \
+             FOR UPDATE OF e SKIP LOCKED)",
+        JobStatus::terminal_sql_list()
+    );
+    let stmt = client.prepare(&sql).await?;
     let mut total = 0;
     loop {
         let deleted = client.execute(&stmt, &[&seconds, &batch]).await?;

@@ -21,8 +21,9 @@ use crate::config::{Config, DEFAULT_PAGE};
 use crate::hub::{Hub, Start};
 use crate::listen::Readiness;
 use crate::metrics::Metrics;
+use crate::model::{JobStatus, Level, NewEvent};
 use crate::status::StatusFeed;
-use crate::store::{self, NewEvent};
+use crate::store;
 use crate::stream;
 
 /// Every response body: full buffers and SSE streams alike.
@@ -389,31 +390,21 @@ async fn list_jobs<B>(app: &App, req: &Request<B>, grant: &Grant) -> Result<Resp
         .get("status")
         .map(|s| s.as_str())
         .filter(|s| !s.is_empty());
-    if let Some(status) = status {
-        if !JOB_STATUSES.contains(&status) {
-            return Err(ApiError::bad_request(
-                "invalid_status",
-                "unknown job status",
-            ));
-        }
-    }
+    let status = match status {
+        None => None,
+        Some(text) => Some(
+            text.parse::<JobStatus>()
+                .map_err(|_| ApiError::bad_request("invalid_status", "unknown job status"))?,
+        ),
+    };
     let client = app.pool.get().await?;
-    let mut items = store::list_jobs(&**client, limit, status).await?;
+    let mut items = store::list_jobs(&**client, limit, status.map(JobStatus::as_str)).await?;
     if !grant.covers_all() {
         // A token for some jobs lists only those.
         items.retain(|job| grant.covers(job.id));
     }
     Ok(json_response(StatusCode::OK, &json!({ "items": items })))
 }
-
-const JOB_STATUSES: &[&str] = &[
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-    "dead_letter",
-];
 
 async fn get_job(app: &App, id: Uuid) -> Result<Response<Body>> {
     let client = app.pool.get().await?;
@@ -513,13 +504,12 @@ async fn create_job<B: RequestBody>(
         app.metrics.auth_failures[Failure::Job as usize].inc();
         return Err(ApiError::auth(Failure::Job));
     }
-    let status = body.status.as_deref().unwrap_or("queued");
-    if !JOB_STATUSES.contains(&status) {
-        return Err(ApiError::bad_request(
-            "invalid_status",
-            "unknown job status",
-        ));
-    }
+    let status = match body.status.as_deref() {
+        None => JobStatus::Queued,
+        Some(text) => text
+            .parse::<JobStatus>()
+            .map_err(|_| ApiError::bad_request("invalid_status", "unknown job status"))?,
+    };
     let payload = body.payload.unwrap_or_else(|| json!({}));
     if !payload.is_object() {
         return Err(ApiError::bad_request(
@@ -528,7 +518,7 @@ async fn create_job<B: RequestBody>(
         ));
     }
     let client = app.pool.get().await?;
-    match store::create_job(&**client, body.id, &body.name, status, &payload).await {
+    match store::create_job(&**client, body.id, &body.name, status.as_str(), &payload).await {
         Ok(job) => Ok(json_response(StatusCode::CREATED, &job)),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
             Err(ApiError::new(
@@ -575,13 +565,12 @@ async fn append<B: RequestBody>(app: &App, id: Uuid, req: Request<B>) -> Result<
     }
     let mut rows = Vec::with_capacity(events.len());
     for event in events {
-        let level = event.level.unwrap_or_else(|| "info".into());
-        if !["info", "warn", "error"].contains(&level.as_str()) {
-            return Err(ApiError::bad_request(
-                "invalid_body",
-                "level must be info, warn or error",
-            ));
-        }
+        let level = match event.level.as_deref() {
+            None => Level::Info,
+            Some(text) => text.parse::<Level>().map_err(|_| {
+                ApiError::bad_request("invalid_body", "level must be info, warn or error")
+            })?,
+        };
         let payload = event.payload.unwrap_or_else(|| json!({}));
         if !payload.is_object() {
             return Err(ApiError::bad_request(

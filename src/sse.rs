@@ -7,60 +7,11 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
-use serde_json::value::RawValue;
-use uuid::Uuid;
+
+use crate::model::{End, Event};
 
 /// The keep-alive comment, sent when a stream has been quiet for a while.
 pub const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
-
-/// Job statuses after which nothing more is expected.
-pub const TERMINAL_STATUSES: &[&str] = &["succeeded", "failed", "cancelled", "dead_letter"];
-
-/// Whether a job status is final.
-pub fn is_terminal(status: &str) -> bool {
-    TERMINAL_STATUSES.contains(&status)
-}
-
-/// One row of `agent_job_events`, as the API shows it.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Event {
-    pub id: Uuid,
-    pub job_id: Uuid,
-    pub seq: i64,
-    pub level: String,
-    pub message: String,
-    /// The jsonb payload as PostgreSQL printed it, passed through without re-parsing.
-    pub payload: Box<RawValue>,
-    /// RFC 3339 in UTC with microseconds, formatted by the query.
-    pub created_at: String,
-    /// `created_at` in microseconds since the epoch (for the latency histogram).
-    #[serde(skip)]
-    pub created_us: i64,
-}
-
-impl Event {
-    /// The status carried by a `kind = "status"` event, if this is one.
-    pub fn status(&self) -> Option<String> {
-        #[derive(serde::Deserialize)]
-        struct StatusPayload<'a> {
-            kind: Option<&'a str>,
-            status: Option<String>,
-        }
-        let payload: StatusPayload = serde_json::from_str(self.payload.get()).ok()?;
-        match payload.kind {
-            Some("status") => payload.status,
-            _ => None,
-        }
-    }
-}
-
-/// The end of a finished job's stream: everything up to `last_seq` was sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct End {
-    pub status: String,
-    pub last_seq: i64,
-}
 
 impl End {
     /// `event: end` with `{"status": ..., "lastSeq": ...}`.
@@ -97,7 +48,7 @@ impl Batch {
             write_event(&mut buf, event);
         }
         let end = match events.last().and_then(|e| e.status().map(|s| (e.seq, s))) {
-            Some((seq, status)) if finished && is_terminal(&status) => Some(End {
+            Some((seq, status)) if finished && status.is_terminal() => Some(End {
                 status,
                 last_seq: seq,
             }),
@@ -176,13 +127,16 @@ pub fn named_frame(event: &str, data: &impl Serialize) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{JobStatus, Level};
+    use serde_json::value::RawValue;
+    use uuid::Uuid;
 
     fn event(seq: i64, message: &str, payload: &str) -> Event {
         Event {
             id: Uuid::nil(),
             job_id: Uuid::nil(),
             seq,
-            level: "info".into(),
+            level: Level::Info,
             message: message.into(),
             payload: RawValue::from_string(payload.into()).unwrap(),
             created_at: "2026-01-01T00:00:00.000000Z".into(),
@@ -230,7 +184,7 @@ mod tests {
         assert_eq!(
             batch.end(),
             Some(&End {
-                status: "failed".into(),
+                status: JobStatus::Failed,
                 last_seq: 2
             })
         );

@@ -172,7 +172,7 @@ impl StatusFeed {
         pool: &deadpool_postgres::Pool,
         ids: &[Uuid],
         sweep: bool,
-    ) -> Result<Vec<store::Job>, crate::Error> {
+    ) -> Result<Vec<crate::model::Job>, crate::Error> {
         let client = pool.get().await?;
         let mut jobs = if sweep {
             store::recently_updated_jobs(&**client, SWEEP_JOBS).await?

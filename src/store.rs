@@ -4,12 +4,11 @@
 //! passed through as text, so rows become JSON without a round trip through a value
 //! tree.
 
-use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use crate::sse::Event;
+use crate::model::{Event, Job, JobStatus, NewEvent};
 
 /// `created_at` and friends as RFC 3339 text in UTC.
 macro_rules! ts {
@@ -40,47 +39,33 @@ const EVENT_COLUMNS: &str = concat!(
     ", (extract(epoch FROM created_at) * 1000000)::int8"
 );
 
-/// One row of `agent_jobs`, as the API shows it.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Job {
-    pub id: Uuid,
-    pub name: String,
-    pub status: String,
-    pub payload: Box<RawValue>,
-    pub created_at: String,
-    pub updated_at: String,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub last_seq: i64,
+fn job_from_row(row: &Row) -> Result<Job, tokio_postgres::Error> {
+    Ok(Job {
+        id: row.try_get(0)?,
+        name: row.try_get(1)?,
+        status: row.try_get(2)?,
+        payload: raw(row.try_get(3)?),
+        created_at: row.try_get(4)?,
+        updated_at: row.try_get(5)?,
+        started_at: row.try_get(6)?,
+        finished_at: row.try_get(7)?,
+        last_seq: row.try_get(8)?,
+    })
 }
 
-fn job_from_row(row: &Row) -> Job {
-    Job {
-        id: row.get(0),
-        name: row.get(1),
-        status: row.get(2),
-        payload: raw(row.get(3)),
-        created_at: row.get(4),
-        updated_at: row.get(5),
-        started_at: row.get(6),
-        finished_at: row.get(7),
-        last_seq: row.get(8),
-    }
-}
-
-/// Builds an [`Event`] from a row selected with `EVENT_COLUMNS`.
-pub fn event_from_row(row: &Row) -> Event {
-    Event {
-        id: row.get(0),
-        job_id: row.get(1),
-        seq: row.get(2),
-        level: row.get(3),
-        message: row.get(4),
-        payload: raw(row.get(5)),
-        created_at: row.get(6),
-        created_us: row.get(7),
-    }
+/// Builds an [`Event`] from a row selected with `EVENT_COLUMNS`. A value the model does
+/// not know (a level outside [`crate::model::Level::ALL`]) is an error, not a panic.
+pub fn event_from_row(row: &Row) -> Result<Event, tokio_postgres::Error> {
+    Ok(Event {
+        id: row.try_get(0)?,
+        job_id: row.try_get(1)?,
+        seq: row.try_get(2)?,
+        level: row.try_get(3)?,
+        message: row.try_get(4)?,
+        payload: raw(row.try_get(5)?),
+        created_at: row.try_get(6)?,
+        created_us: row.try_get(7)?,
+    })
 }
 
 /// jsonb printed by PostgreSQL is valid JSON.
@@ -99,7 +84,7 @@ pub async fn list_jobs(
          ORDER BY created_at DESC, id LIMIT $2"
     );
     let rows = client.query(&sql, &[&status, &limit]).await?;
-    Ok(rows.iter().map(job_from_row).collect())
+    rows.iter().map(job_from_row).collect()
 }
 
 /// Jobs by id (order unspecified).
@@ -109,7 +94,7 @@ pub async fn jobs_by_id(
 ) -> Result<Vec<Job>, tokio_postgres::Error> {
     let sql = format!("SELECT {JOB_COLUMNS} FROM agent_jobs WHERE id = ANY($1)");
     let rows = client.query(&sql, &[&ids]).await?;
-    Ok(rows.iter().map(job_from_row).collect())
+    rows.iter().map(job_from_row).collect()
 }
 
 /// Jobs whose status changed most recently.
@@ -119,7 +104,7 @@ pub async fn recently_updated_jobs(
 ) -> Result<Vec<Job>, tokio_postgres::Error> {
     let sql = format!("SELECT {JOB_COLUMNS} FROM agent_jobs ORDER BY updated_at DESC LIMIT $1");
     let rows = client.query(&sql, &[&limit]).await?;
-    Ok(rows.iter().map(job_from_row).collect())
+    rows.iter().map(job_from_row).collect()
 }
 
 /// One job.
@@ -129,19 +114,19 @@ pub async fn get_job(
 ) -> Result<Option<Job>, tokio_postgres::Error> {
     let sql = format!("SELECT {JOB_COLUMNS} FROM agent_jobs WHERE id = $1");
     let row = client.query_opt(&sql, &[&id]).await?;
-    Ok(row.as_ref().map(job_from_row))
+    row.as_ref().map(job_from_row).transpose()
 }
 
 /// A job's status and the highest seq handed out so far.
 pub async fn job_cursor(
     client: &deadpool_postgres::Client,
     id: Uuid,
-) -> Result<Option<(String, i64)>, tokio_postgres::Error> {
+) -> Result<Option<(JobStatus, i64)>, tokio_postgres::Error> {
     let stmt = client
         .prepare_cached("SELECT status, last_seq FROM agent_jobs WHERE id = $1")
         .await?;
     let row = client.query_opt(&stmt, &[&id]).await?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
+    row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
 }
 
 /// Creates a job; `id` defaults to a random one.
@@ -161,15 +146,7 @@ pub async fn create_job(
     let row = client
         .query_one(&sql, &[&id, &name, &status, payload])
         .await?;
-    Ok(job_from_row(&row))
-}
-
-/// An event to append.
-#[derive(Debug, Clone)]
-pub struct NewEvent {
-    pub level: String,
-    pub message: String,
-    pub payload: serde_json::Value,
+    job_from_row(&row)
 }
 
 /// Appends events in ONE statement (so one notification), in the given order.
@@ -213,7 +190,7 @@ pub async fn events_after(
     let rows = client
         .query(&stmt, &[&job_id, &after, &before, &limit])
         .await?;
-    Ok(rows.iter().map(event_from_row).collect())
+    rows.iter().map(event_from_row).collect()
 }
 
 /// For each job `ids[i]`, its first `limit` events with `seq > afters[i]`, in ONE
@@ -235,7 +212,7 @@ pub async fn events_after_each(
     );
     let stmt = client.prepare_cached(&sql).await?;
     let rows = client.query(&stmt, &[&ids, &afters, &limit]).await?;
-    Ok(rows.iter().map(event_from_row).collect())
+    rows.iter().map(event_from_row).collect()
 }
 
 /// The last `limit` events with `seq < before`, ascending (the newest page of a log,
@@ -252,7 +229,7 @@ pub async fn events_before(
     );
     let stmt = client.prepare_cached(&sql).await?;
     let rows = client.query(&stmt, &[&job_id, &before, &limit]).await?;
-    let mut events: Vec<Event> = rows.iter().map(event_from_row).collect();
+    let mut events: Vec<Event> = rows.iter().map(event_from_row).collect::<Result<_, _>>()?;
     events.reverse();
     Ok(events)
 }

@@ -166,7 +166,7 @@ impl Subscriber {
         Ok(())
     }
 
-    async fn read_table(&self) -> Result<Vec<sse::Event>, crate::Error> {
+    async fn read_table(&self) -> Result<Vec<crate::model::Event>, crate::Error> {
         let mut backoff = Backoff::new();
         let mut attempt = 0;
         loop {
