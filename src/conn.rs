@@ -6,7 +6,7 @@
 //! buffer), which it cannot be told to shrink. So when a connection's first request is
 //! a plain `GET` of an event stream, this module answers it itself: the request head is
 //! peeked and parsed with `httparse` (hyper's own parser), routed by the same
-//! [`routes::handle`], and the response written with chunked framing straight from the
+//! [`http::handle`], and the response written with chunked framing straight from the
 //! body's frames, which are `Bytes` encoded once per batch and shared by every
 //! subscriber. Nothing is copied and no buffer is kept: an idle stream costs its task,
 //! its socket and its subscriber.
@@ -36,7 +36,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::routes::{self, App, Body};
+use crate::http::{self, ApiError, App, Body, Route};
 
 /// What every connection shares.
 pub struct Shared {
@@ -100,7 +100,7 @@ async fn serve_hyper(
     h2: bool,
 ) -> Result<(), BoxError> {
     let app = shared.app.clone();
-    let service = service_fn(move |req| routes::handle(app.clone(), req, peer));
+    let service = service_fn(move |req| http::handle(app.clone(), req, peer));
     let io = TokioIo::new(stream);
     if h2 {
         drive(shared.http2.serve_connection(io, service), drain).await?;
@@ -124,6 +124,28 @@ async fn drive<C: GracefulConnection>(
     }
     conn.as_mut().graceful_shutdown();
     conn.await
+}
+
+/// Answers a connection over the limit with 503 and closes it.
+pub(crate) async fn refuse(stream: TcpStream, retry_ms: u64) {
+    let retry = retry_ms.div_ceil(1000).max(1);
+    let service = service_fn(move |_req| async move {
+        let mut res = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "the gateway is at its connection limit, retry later",
+        )
+        .response(Some(retry));
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        Ok::<_, std::convert::Infallible>(res)
+    });
+    let conn = http1::Builder::new()
+        .keep_alive(false)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(5))
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = conn.await;
 }
 
 /// What the first bytes of a connection say about it.
@@ -178,7 +200,7 @@ fn classify(bytes: &[u8], full: bool) -> Option<First> {
         Ok(httparse::Status::Partial) if !full => {
             // Known already not to be ours: no need to wait for the rest.
             let not_get = req.method.is_some_and(|m| m != "GET");
-            let not_stream = req.path.is_some_and(|p| !is_stream_path(p));
+            let not_stream = req.path.is_some_and(|p| !is_stream_target(p));
             (not_get || not_stream).then_some(First::Http1)
         }
         _ => Some(First::Http1),
@@ -191,7 +213,7 @@ fn stream_head(req: &httparse::Request, len: usize, available: usize) -> Option<
         return None;
     }
     let path = req.path?;
-    if !is_stream_path(path) {
+    if !is_stream_target(path) {
         return None;
     }
     let mut keep_alive = true;
@@ -230,32 +252,11 @@ fn stream_head(req: &httparse::Request, len: usize, available: usize) -> Option<
     })
 }
 
-/// The two event-stream routes (the router decides the response either way; this only
-/// picks who writes it).
-fn is_stream_path(target: &str) -> bool {
+/// Whether a request target names an event stream, as the router's table says (the
+/// router decides the response either way; this only picks who writes it).
+fn is_stream_target(target: &str) -> bool {
     let path = target.split('?').next().unwrap_or_default();
-    let mut segments = path.trim_end_matches('/').split('/').skip(1);
-    let mut next = || segments.next();
-    matches!(
-        (next(), next(), next(), next(), next(), next(), next()),
-        (
-            Some("api"),
-            Some("queue"),
-            Some("jobs"),
-            Some("stream"),
-            None,
-            _,
-            _
-        ) | (
-            Some("api"),
-            Some("queue"),
-            Some("jobs"),
-            Some(_),
-            Some("events"),
-            Some("stream"),
-            None
-        )
-    )
+    Route::of(path).is_stream()
 }
 
 /// Answers an event-stream request. Returns the socket when the connection may serve
@@ -273,7 +274,7 @@ async fn serve_stream(
     drop(consumed);
 
     // Boxed: routing is short, and its state need not stay in the stream's task.
-    let response = match Box::pin(routes::handle(shared.app.clone(), head.request, peer)).await {
+    let response = match Box::pin(http::handle(shared.app.clone(), head.request, peer)).await {
         Ok(response) => response,
         Err(never) => match never {},
     };
@@ -551,28 +552,6 @@ mod tests {
         assert_eq!(chunk_size(255, &mut out), b"ff\r\n");
         assert_eq!(chunk_size(4096, &mut out), b"1000\r\n");
         assert_eq!(chunk_size(usize::MAX, &mut out), b"ffffffffffffffff\r\n");
-    }
-
-    #[test]
-    fn picks_the_stream_routes() {
-        let id = "0b6f3b8e-7f4e-4f57-9d0e-3f0b8e7f4e4f";
-        for path in [
-            "/api/queue/jobs/stream".to_string(),
-            "/api/queue/jobs/stream/".to_string(),
-            format!("/api/queue/jobs/{id}/events/stream"),
-            format!("/api/queue/jobs/{id}/events/stream?afterSeq=3"),
-        ] {
-            assert!(is_stream_path(&path), "{path}");
-        }
-        for path in [
-            "/api/queue/jobs".to_string(),
-            format!("/api/queue/jobs/{id}/events"),
-            format!("/api/queue/jobs/{id}/events/stream/x"),
-            "/api/queue/jobs/stream/x".to_string(),
-            "/".to_string(),
-        ] {
-            assert!(!is_stream_path(&path), "{path}");
-        }
     }
 
     fn kind(bytes: &[u8], full: bool) -> &'static str {

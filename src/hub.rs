@@ -120,6 +120,8 @@ pub enum Start {
     NotFound,
     /// The job is finished and the cursor is at its end.
     Finished,
+    /// The hub is shutting down and takes no new subscribers.
+    ShuttingDown,
     /// Subscribed: items sent after this call arrive on `rx`.
     Live(Subscription),
 }
@@ -190,6 +192,11 @@ impl Hub {
         }
         let (subscription, created) = {
             let mut jobs = self.jobs();
+            // Checked again under the map's lock, which `shutdown` takes to tell every
+            // job: a subscriber either sees the flag or gets the shutdown item.
+            if self.is_shutting_down() {
+                return Ok(Start::ShuttingDown);
+            }
             let mut created = false;
             let job = jobs
                 .entry(job_id)
@@ -236,6 +243,9 @@ impl Hub {
 
     fn subscribe_existing(&self, job_id: Uuid, after: i64) -> Option<Start> {
         let jobs = self.jobs();
+        if self.is_shutting_down() {
+            return Some(Start::ShuttingDown);
+        }
         let job = jobs.get(&job_id)?;
         let mut state = job.lock();
         if let Some(end) = &state.end {

@@ -91,6 +91,7 @@ pub struct Metrics {
     pub notifications: Counter,
     pub table_reads_live: Counter,
     pub table_reads_backfill: Counter,
+    pub table_reads_page: Counter,
     pub batches_encoded: Counter,
     pub jobs_created: Counter,
     pub ring_catch_ups: Counter,
@@ -107,6 +108,16 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// A request refused by auth, by reason.
+    pub fn auth_failure(&self, failure: crate::auth::Failure) {
+        self.auth_failures[failure as usize].inc();
+    }
+
+    /// A page of events read for a polling client.
+    pub fn table_read_page(&self) {
+        self.table_reads_page.inc();
+    }
+
     /// The text exposition; `jobs` and `subscribers` are read from the hub.
     pub fn render(&self, jobs: usize, subscribers: usize, listener_up: bool) -> String {
         let mut out = String::with_capacity(4096);
@@ -199,9 +210,11 @@ impl Metrics {
             "# HELP eventgate_table_reads_total Reads of agent_job_events.\n\
              # TYPE eventgate_table_reads_total counter\n\
              eventgate_table_reads_total{{purpose=\"live\"}} {}\n\
-             eventgate_table_reads_total{{purpose=\"backfill\"}} {}",
+             eventgate_table_reads_total{{purpose=\"backfill\"}} {}\n\
+             eventgate_table_reads_total{{purpose=\"page\"}} {}",
             self.table_reads_live.get(),
-            self.table_reads_backfill.get()
+            self.table_reads_backfill.get(),
+            self.table_reads_page.get()
         );
         family(
             &mut out,

@@ -8,17 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::conn;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::Config;
+use crate::http::App;
 use crate::hub::Hub;
 use crate::listen::{self, Readiness};
 use crate::metrics::Metrics;
-use crate::routes::{self, App};
 use crate::status::StatusFeed;
 
 /// How often idle jobs are looked for.
@@ -85,15 +85,14 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
-    let app = Arc::new(App {
-        hub: hub.clone(),
-        feed: feed.clone(),
+    let app = Arc::new(App::new(
+        config.clone(),
         pool,
-        config: config.clone(),
+        hub.clone(),
+        feed.clone(),
         ready,
-        metrics: metrics.clone(),
-        slots: crate::limits::StreamSlots::new(config.max_streams_per_client),
-    });
+        metrics.clone(),
+    ));
 
     // HTTP/1.1 and h2c (prior knowledge), chosen per connection by `conn::serve`. Not
     // hyper-util's auto builder: it reads the first bytes into a buffer of its own and
@@ -137,7 +136,7 @@ pub async fn run(
         let _ = stream.set_nodelay(true);
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             metrics.connections_refused.inc();
-            tokio::spawn(routes::refuse(TokioIo::new(stream), config.retry_ms));
+            tokio::spawn(conn::refuse(stream, config.retry_ms));
             continue;
         };
         metrics.connections.inc();

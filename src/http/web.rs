@@ -1,62 +1,59 @@
 //! The dashboard of `web/`, compiled into the binary so `eventgate` is one file.
 
 use hyper::header;
-use hyper::{Response, StatusCode};
+use hyper::Response;
 
-use crate::routes::{full, ApiError, Body};
+use super::body::{full, Body};
+use super::error::ApiError;
 
 /// `(path under web/, content type, contents)`.
 const FILES: &[(&str, &str, &str)] = &[
     (
         "index.html",
         "text/html; charset=utf-8",
-        include_str!("../web/index.html"),
+        include_str!("../../web/index.html"),
     ),
     (
         "job.html",
         "text/html; charset=utf-8",
-        include_str!("../web/job.html"),
+        include_str!("../../web/job.html"),
     ),
     (
         "static/app.css",
         "text/css; charset=utf-8",
-        include_str!("../web/static/app.css"),
+        include_str!("../../web/static/app.css"),
     ),
     (
         "static/list.js",
         "text/javascript; charset=utf-8",
-        include_str!("../web/static/list.js"),
+        include_str!("../../web/static/list.js"),
     ),
     (
         "static/job.js",
         "text/javascript; charset=utf-8",
-        include_str!("../web/static/job.js"),
+        include_str!("../../web/static/job.js"),
     ),
     (
         "static/common.js",
         "text/javascript; charset=utf-8",
-        include_str!("../web/static/common.js"),
+        include_str!("../../web/static/common.js"),
     ),
     (
         "static/ansi.js",
         "text/javascript; charset=utf-8",
-        include_str!("../web/static/ansi.js"),
+        include_str!("../../web/static/ansi.js"),
     ),
 ];
 
 /// Serves `/` (the job list), `/jobs/{id}` (one job) and `/static/*`.
-pub fn serve(path: &str) -> Result<Response<Body>, ApiError> {
+pub(super) fn serve(path: &str) -> Result<Response<Body>, ApiError> {
     let name = match path {
         "/" | "/index.html" => "index.html",
         p if p.starts_with("/jobs/") && !p[6..].contains('/') => "job.html",
         p => p.trim_start_matches('/'),
     };
     let Some((_, content_type, contents)) = FILES.iter().find(|(n, _, _)| *n == name) else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such page",
-        ));
+        return Err(ApiError::not_found("no such page"));
     };
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, *content_type)

@@ -1,0 +1,183 @@
+//! `/api/queue/jobs/{id}/events`: appending events and reading them a page at a time
+//! (the polling fallback and the original system's cursors).
+
+use hyper::{Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::body::{json_response, read_json, Body, RequestBody};
+use super::error::{ApiError, Result};
+use super::query::PageQuery;
+use super::App;
+use crate::model::{Level, NewEvent};
+use crate::store;
+
+/// Most events in one append.
+const MAX_APPEND: usize = 10_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppendEvent {
+    #[serde(default)]
+    level: Option<String>,
+    message: String,
+    #[serde(default)]
+    payload: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AppendBody {
+    Many { events: Vec<AppendEvent> },
+    One(AppendEvent),
+}
+
+pub(super) async fn append<B: RequestBody>(
+    app: &App,
+    id: Uuid,
+    req: Request<B>,
+) -> Result<Response<Body>> {
+    let body: AppendBody = read_json(req, app.config.max_body).await?;
+    let events = match body {
+        AppendBody::Many { events } => events,
+        AppendBody::One(event) => vec![event],
+    };
+    if events.is_empty() {
+        return Err(ApiError::bad_request("invalid_body", "no events to append"));
+    }
+    if events.len() > MAX_APPEND {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "at most 10000 events per append",
+        ));
+    }
+    let mut rows = Vec::with_capacity(events.len());
+    for event in events {
+        let level = match event.level.as_deref() {
+            None => Level::Info,
+            Some(text) => text.parse::<Level>().map_err(|_| {
+                ApiError::bad_request("invalid_body", "level must be info, warn or error")
+            })?,
+        };
+        let payload = event.payload.unwrap_or_else(|| json!({}));
+        if !payload.is_object() {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "payload must be an object",
+            ));
+        }
+        if event.message.len() > app.config.max_message {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "message_too_large",
+                format!(
+                    "a message may hold at most {} bytes",
+                    app.config.max_message
+                ),
+            ));
+        }
+        // PostgreSQL text cannot hold NUL.
+        let message = event.message.replace('\0', "\u{FFFD}");
+        let payload = strip_nul(payload);
+        rows.push(NewEvent {
+            level,
+            message,
+            payload,
+        });
+    }
+    let client = app.pool.get().await?;
+    match store::append_events(&**client, id, &rows).await {
+        Ok(ids) => {
+            let last_seq = ids.last().map(|&(_, seq)| seq).unwrap_or(0);
+            let items: Vec<_> = ids
+                .iter()
+                .map(|(id, seq)| json!({ "id": id, "seq": seq }))
+                .collect();
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({ "items": items, "lastSeq": last_seq }),
+            ))
+        }
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) => {
+            Err(ApiError::job_not_found())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Replaces NUL in every string of a JSON value (jsonb cannot hold `\u0000`).
+fn strip_nul(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if s.contains('\0') => Value::String(s.replace('\0', "\u{FFFD}")),
+        Value::Array(items) => Value::Array(items.into_iter().map(strip_nul).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k.replace('\0', "\u{FFFD}"), strip_nul(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+pub(super) async fn page<B>(app: &App, id: Uuid, req: &Request<B>) -> Result<Response<Body>> {
+    let PageQuery {
+        limit,
+        after_seq,
+        before_seq,
+        after_event_id,
+        after_time,
+    } = PageQuery::parse(req, app.config.max_page)?;
+    let after_time = after_time.as_deref();
+
+    let client = app.pool.get().await?;
+    let Some((status, _)) = store::job_cursor(&client, id).await? else {
+        return Err(ApiError::job_not_found());
+    };
+    // The original cursor: an event id (exact), else a timestamp.
+    let after = match (after_seq, after_event_id, after_time) {
+        (Some(seq), _, _) => Some(seq),
+        (None, Some(event), _) => match store::seq_of_event(&client, id, event).await? {
+            Some(seq) => Some(seq),
+            None => match after_time {
+                Some(t) => Some(seq_at_time(&client, id, t).await?),
+                None => {
+                    return Err(ApiError::bad_request(
+                        "invalid_cursor",
+                        "afterEventId is not an event of this job",
+                    ))
+                }
+            },
+        },
+        (None, None, Some(t)) => Some(seq_at_time(&client, id, t).await?),
+        (None, None, None) => None,
+    };
+    app.metrics.table_read_page();
+    let items = match (after, before_seq) {
+        // Only an upper bound: the newest page below it (a log's tail, then older pages).
+        (None, Some(before)) => store::events_before(&client, id, before, limit).await?,
+        (after, before) => {
+            store::events_after(&client, id, after.unwrap_or(0), before, limit).await?
+        }
+    };
+    let next_after = items.last().map(|e| e.seq).or(after).unwrap_or(0);
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "items": items,
+            "nextAfterSeq": next_after,
+            "jobStatus": status,
+        }),
+    ))
+}
+
+async fn seq_at_time(client: &deadpool_postgres::Client, id: Uuid, t: &str) -> Result<i64> {
+    match store::seq_at_time(client, id, t).await {
+        Ok(seq) => Ok(seq),
+        Err(e) if e.code().is_some_and(|c| c.code().starts_with("22")) => Err(
+            ApiError::bad_request("invalid_cursor", "after must be an ISO 8601 timestamp"),
+        ),
+        Err(e) => Err(e.into()),
+    }
+}

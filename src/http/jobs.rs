@@ -1,0 +1,83 @@
+//! `/api/queue/jobs` and `/api/queue/jobs/{id}`: the job list, one job, a new job.
+
+use hyper::{Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::body::{json_response, read_json, Body, RequestBody};
+use super::error::{ApiError, Result};
+use super::query::JobsQuery;
+use super::App;
+use crate::auth::{Failure, Grant};
+use crate::model::JobStatus;
+use crate::store;
+
+pub(super) async fn list<B>(app: &App, req: &Request<B>, grant: &Grant) -> Result<Response<Body>> {
+    let query = JobsQuery::parse(req)?;
+    let client = app.pool.get().await?;
+    let mut items =
+        store::list_jobs(&**client, query.limit, query.status.map(JobStatus::as_str)).await?;
+    if !grant.covers_all() {
+        // A token for some jobs lists only those.
+        items.retain(|job| grant.covers(job.id));
+    }
+    Ok(json_response(StatusCode::OK, &json!({ "items": items })))
+}
+
+pub(super) async fn get(app: &App, id: Uuid) -> Result<Response<Body>> {
+    let client = app.pool.get().await?;
+    match store::get_job(&**client, id).await? {
+        Some(job) => Ok(json_response(StatusCode::OK, &job)),
+        None => Err(ApiError::job_not_found()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CreateJob {
+    id: Option<Uuid>,
+    #[serde(default)]
+    name: String,
+    status: Option<String>,
+    #[serde(default)]
+    payload: Option<serde_json::Value>,
+}
+
+pub(super) async fn create<B: RequestBody>(
+    app: &App,
+    req: Request<B>,
+    grant: &Grant,
+) -> Result<Response<Body>> {
+    let body: CreateJob = read_json(req, app.config.max_body).await?;
+    // A token for some jobs may create only those, by id.
+    if !grant.covers_all() && !body.id.is_some_and(|id| grant.covers(id)) {
+        app.metrics.auth_failure(Failure::Job);
+        return Err(ApiError::auth(Failure::Job));
+    }
+    let status = match body.status.as_deref() {
+        None => JobStatus::Queued,
+        Some(text) => text
+            .parse::<JobStatus>()
+            .map_err(|_| ApiError::bad_request("invalid_status", "unknown job status"))?,
+    };
+    let payload = body.payload.unwrap_or_else(|| json!({}));
+    if !payload.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "payload must be an object",
+        ));
+    }
+    let client = app.pool.get().await?;
+    match store::create_job(&**client, body.id, &body.name, status.as_str(), &payload).await {
+        Ok(job) => Ok(json_response(StatusCode::CREATED, &job)),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "job_exists",
+                "a job with this id exists",
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,95 @@
+//! The long-lived responses: a job's event stream and the job list's status stream,
+//! shaped as `text/event-stream`.
+
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use http_body_util::BodyExt;
+use hyper::header;
+use hyper::{Request, Response, StatusCode};
+use uuid::Uuid;
+
+use super::body::{empty, Body};
+use super::error::{ApiError, Result};
+use super::query::stream_cursor;
+use super::App;
+use crate::auth::Grant;
+use crate::hub::Start;
+use crate::stream;
+
+/// The head every event stream answers with.
+fn sse_response(body: Body) -> Response<Body> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache, no-transform")
+        .header("x-accel-buffering", "no")
+        .body(body)
+        .expect("constant headers won't error")
+}
+
+/// `GET /api/queue/jobs/{id}/events/stream`.
+pub(super) async fn events<B>(
+    app: &App,
+    id: Uuid,
+    req: &Request<B>,
+    peer: SocketAddr,
+    grant: &Grant,
+) -> Result<Response<Body>> {
+    let cursor = stream_cursor(req)?;
+    let Some(slot) = app.slots.take(peer.ip()) else {
+        app.metrics.streams_refused.inc();
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            format!(
+                "at most {} open streams per client",
+                app.config.max_streams_per_client
+            ),
+        ));
+    };
+    if app.hub.is_shutting_down() {
+        return Err(shutting_down());
+    }
+    match app.hub.subscribe(id, cursor).await? {
+        Start::NotFound => Err(ApiError::job_not_found()),
+        Start::Finished => Ok(Response::builder()
+            .status(StatusCode::NO_CONTENT)
+            .body(empty())
+            .expect("constant status won't error")),
+        Start::ShuttingDown => Err(shutting_down()),
+        Start::Live(subscription) => {
+            let options = stream::Options {
+                retry_ms: app.config.retry_ms,
+                shutdown_retry_ms: (app.config.retry_ms, app.config.retry_ms * 5),
+                deadline: grant.expires_at().map(deadline_of),
+            };
+            if let Some(sub) = grant.subject() {
+                tracing::info!(job = %id, client = %peer, sub, "stream authorized");
+            }
+            let body = stream::body(app.hub.clone(), subscription, cursor, options, peer, slot);
+            Ok(sse_response(body.boxed_unsync()))
+        }
+    }
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "the gateway is restarting, retry later",
+    )
+}
+
+/// `GET /api/queue/jobs/stream`.
+pub(super) fn statuses(app: &App, grant: Grant) -> Response<Body> {
+    let deadline = grant.expires_at().map(deadline_of);
+    let frames = app.feed.stream(app.config.retry_ms, grant, deadline);
+    let body = http_body_util::StreamBody::new(frames);
+    sse_response(body.boxed_unsync())
+}
+
+/// A wall-clock expiry as a tokio deadline.
+fn deadline_of(at: SystemTime) -> tokio::time::Instant {
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::Instant::now() + left
+}
