@@ -23,6 +23,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::model::{End, Event, JobStatus};
 use crate::sse::Batch;
@@ -224,7 +225,7 @@ impl Hub {
     /// rather than failing a browser whose EventSource would not retry a 503.
     async fn job_cursor(&self, job_id: Uuid) -> Result<Option<(JobStatus, i64)>, crate::Error> {
         let deadline = Instant::now() + SUBSCRIBE_PATIENCE;
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::gateway();
         loop {
             let result = async {
                 let client = self.inner.pool.get().await?;
@@ -359,7 +360,7 @@ impl Hub {
     /// Reads and broadcasts until the job has nothing new and no notification is
     /// pending. One of these runs per job at most.
     async fn read_loop(&self, job: Arc<Job>) {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::gateway();
         loop {
             if self.inner.shutting_down.load(Ordering::Relaxed) {
                 job.lock().reading = false;
@@ -401,18 +402,17 @@ impl Hub {
         let receivers = job.publish(batch.clone(), &self.inner.settings) as u64;
         metrics
             .events_delivered
-            .add(batch.len_events() as u64 * receivers);
+            .inc_by(batch.len_events() as u64 * receivers);
         metrics
             .bytes_delivered
-            .add(batch.len_bytes() as u64 * receivers);
+            .inc_by(batch.len_bytes() as u64 * receivers);
         let now_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as i64)
             .unwrap_or_default();
         for event in events {
             metrics
-                .commit_to_send
-                .observe_us(now_us.saturating_sub(event.created_us).max(0) as u64);
+                .observe_commit_to_send_us(now_us.saturating_sub(event.created_us).max(0) as u64);
         }
     }
 
@@ -557,30 +557,5 @@ impl Job {
     /// The job's end, once known.
     pub fn end(&self) -> Option<End> {
         self.lock().end.clone()
-    }
-}
-
-/// Exponential backoff with jitter, from 50 ms up to 2 s.
-pub(crate) struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(50);
-    const MAX: Duration = Duration::from_secs(2);
-
-    pub(crate) fn new() -> Backoff {
-        Backoff { next: Self::FIRST }
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-
-    pub(crate) fn next(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        // Up to 50 % jitter so many waiters do not retry in step.
-        base + base.mul_f64(fastrand::f64() * 0.5)
     }
 }

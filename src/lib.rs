@@ -27,6 +27,7 @@
 //! - [`config`], [`metrics`], [`Error`]: what the rest shares.
 
 pub mod auth;
+mod backoff;
 pub mod cluster;
 pub mod config;
 pub mod conn;

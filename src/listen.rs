@@ -13,7 +13,8 @@ use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, NoTls};
 use uuid::Uuid;
 
-use crate::hub::{Backoff, Hub};
+use crate::backoff::Backoff;
+use crate::hub::Hub;
 use crate::status::StatusFeed;
 
 /// Channel of event hints, payload `<job_id>:<max_seq>`.
@@ -43,7 +44,7 @@ pub async fn run(
     ready: Readiness,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::gateway();
     let mut first = true;
     loop {
         tokio::select! {

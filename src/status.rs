@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use uuid::Uuid;
 
 use crate::auth::Grant;
-use crate::hub::Backoff;
+use crate::backoff::Backoff;
 use crate::sse;
 use crate::store;
 
@@ -121,7 +121,7 @@ impl StatusFeed {
         mut changed_rx: mpsc::UnboundedReceiver<Option<Uuid>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::gateway();
         loop {
             let first = tokio::select! {
                 first = changed_rx.recv() => first,

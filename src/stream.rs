@@ -21,7 +21,8 @@ use http_body_util::StreamBody;
 use hyper::body::Frame;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::hub::{Backoff, CatchUp, Hub, Item, Subscription, READ_PAGE};
+use crate::backoff::Backoff;
+use crate::hub::{CatchUp, Hub, Item, Subscription, READ_PAGE};
 use crate::sse::{self, Batch};
 use crate::store;
 
@@ -91,8 +92,12 @@ impl Subscriber {
     fn set_phase(&mut self, phase: Phase) {
         let gauge = &self.hub.metrics().streams_catching_up;
         match (self.phase == Phase::CatchUp, phase == Phase::CatchUp) {
-            (false, true) => gauge.inc(),
-            (true, false) => gauge.dec(),
+            (false, true) => {
+                gauge.inc();
+            }
+            (true, false) => {
+                gauge.dec();
+            }
             _ => {}
         }
         self.phase = phase;
@@ -167,7 +172,7 @@ impl Subscriber {
     }
 
     async fn read_table(&self) -> Result<Vec<crate::model::Event>, crate::Error> {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::gateway();
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -24,16 +24,15 @@ use uuid::Uuid;
 use super::batch::{Batcher, Event, Kind};
 use super::buffer::{Buffer, Stream};
 use super::{Labels, Settings};
+use crate::backoff::Backoff;
 use crate::db::is_connection_error;
 use crate::Error;
 
-/// First wait after a failure.
-const BACKOFF_START: Duration = Duration::from_millis(100);
-/// Longest wait between attempts.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Attempts at a batch that fails for a reason other than the connection (a constraint,
 /// a deleted job) before it is given up and reported.
 const QUERY_ATTEMPTS: u32 = 3;
+/// Wait after such a failure, times the failures so far.
+const QUERY_RETRY: Duration = Duration::from_millis(100);
 
 const INSERT: &str = "INSERT INTO agent_job_events (id, job_id, level, message, payload) \
      SELECT i, $1, l, m, p FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[]) \
@@ -44,7 +43,7 @@ pub struct Sink {
     config: tokio_postgres::Config,
     job: Uuid,
     client: Option<Client>,
-    backoff: Duration,
+    backoff: Backoff,
     buffer: Arc<Buffer>,
     down_since: Option<Instant>,
     /// Once set (when the command has exited), connection errors after this instant
@@ -58,7 +57,7 @@ impl Sink {
             config,
             job,
             client: None,
-            backoff: BACKOFF_START,
+            backoff: Backoff::worker(),
             buffer,
             down_since: None,
             give_up_at: Arc::new(OnceLock::new()),
@@ -99,13 +98,11 @@ impl Sink {
             tracing::warn!(error = %e, "database unreachable, retrying");
             self.buffer.set_outage(true);
         }
-        let jitter = self.backoff.mul_f64(fastrand::f64() * 0.2);
-        tokio::time::sleep(self.backoff + jitter).await;
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        tokio::time::sleep(self.backoff.next()).await;
     }
 
     fn recovered(&mut self) {
-        self.backoff = BACKOFF_START;
+        self.backoff.reset();
         if let Some(since) = self.down_since.take() {
             tracing::info!(after = ?since.elapsed(), "database reachable again");
             self.buffer.set_outage(false);
@@ -209,7 +206,7 @@ impl Sink {
                         return Err(e.into());
                     }
                     tracing::warn!(error = %e, "insert failed, retrying");
-                    tokio::time::sleep(BACKOFF_START * failures).await;
+                    tokio::time::sleep(QUERY_RETRY * failures).await;
                 }
             }
         }
