@@ -134,32 +134,19 @@ pub fn redact_url(url: &str) -> String {
         .join(" ")
 }
 
-/// Parses `10s`, `500ms`, `2m`, `1h`, `30d` or plain seconds.
+/// Parses a duration the way `humantime` does (`10s`, `500ms`, `2m`, `1h`, `30d`,
+/// `1h 30m`), or plain seconds (`7`, `0.5`), as the flags always took.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration: {text:?}"))?;
-    let seconds = match unit {
-        "" | "s" => number,
-        "ms" => number / 1000.0,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        "d" => number * 86400.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {text:?} (use ms, s, m, h or d)"
-            ))
-        }
-    };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("invalid duration: {text:?}"));
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return text
+            .parse::<f64>()
+            .ok()
+            .filter(|secs| secs.is_finite())
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| format!("invalid duration: {text:?}"));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
 }
 
 /// Parses a listen address.
@@ -190,7 +177,18 @@ mod tests {
             Duration::from_secs(30 * 86400)
         );
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("7y").is_err());
+        assert_eq!(
+            parse_duration(" 1.5 ").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
+        assert_eq!(parse_duration("20ms").unwrap(), Duration::from_millis(20));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("0.5s").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("7x").is_err());
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("1..2").is_err());
         assert!(parse_duration("").is_err());
     }
 }
