@@ -1,96 +1,41 @@
-//! Counters of the gateway, exposed on `/metrics` in the Prometheus text format.
+//! The gateway's metrics, exposed on `/metrics` by `prometheus-client` in the
+//! OpenMetrics text format (which Prometheus reads as it reads its own).
+//!
+//! Counters are atomics that the hot paths bump directly; the labelled series are
+//! created once here and kept, so no path looks a label set up. What the hub knows
+//! (jobs, receivers) and whether the listener is up are set when the text is rendered.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
-/// A monotonic counter.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A value that goes up and down.
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicU64);
-
-impl Gauge {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn dec(&self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+use crate::auth::Failure;
 
 /// Upper bounds of the latency histogram's buckets, in seconds.
 const LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// A fixed-bucket histogram of seconds.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Non-cumulative counts; the last one is `+Inf`.
-    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    sum_us: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe_us(&self, us: u64) {
-        let seconds = us as f64 / 1e6;
-        let i = LATENCY_BUCKETS
-            .iter()
-            .position(|&b| seconds <= b)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        cumulative += self.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {}", self.count.load(Ordering::Relaxed));
-    }
-}
+/// One label, as `prometheus-client` takes it.
+type Label = [(&'static str, &'static str); 1];
 
 /// Every metric of one gateway.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
+    registry: Registry,
     pub connections: Gauge,
     pub connections_refused: Counter,
     pub streams_open: Gauge,
     pub streams_opened: Counter,
     pub notifications: Counter,
+    /// Reads of `agent_job_events` by the hub, for live delivery.
     pub table_reads_live: Counter,
+    /// Reads by a stream catching up from its cursor.
     pub table_reads_backfill: Counter,
+    /// Reads of a polling page (`GET .../events`).
     pub table_reads_page: Counter,
     pub batches_encoded: Counter,
     pub jobs_created: Counter,
@@ -102,15 +47,151 @@ pub struct Metrics {
     pub streams_catching_up: Gauge,
     pub counter_polls: Counter,
     pub streams_refused: Counter,
-    /// Indexed like `auth::Failure::ALL`.
-    pub auth_failures: [Counter; 5],
-    pub commit_to_send: Histogram,
+    auth_failures: Family<Label, Counter>,
+    commit_to_send: Histogram,
+    hub_jobs: Gauge,
+    hub_receivers: Gauge,
+    listener_up: Gauge,
+    subscribers_live: Gauge,
+    subscribers_catching_up: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut registry = Registry::default();
+        // One series without labels; the handle kept shares its value with the registry.
+        macro_rules! plain {
+            ($name:literal, $help:literal) => {{
+                let metric = Default::default();
+                registry.register($name, $help, Clone::clone(&metric));
+                metric
+            }};
+        }
+        // Counters are registered without `_total`, which the exposition adds.
+        let connections: Gauge = plain!("eventgate_connections", "Open HTTP connections.");
+        let connections_refused: Counter = plain!(
+            "eventgate_connections_refused",
+            "Connections answered 503 at the connection limit."
+        );
+        let streams_open: Gauge = plain!("eventgate_streams_open", "Open SSE streams.");
+        let streams_opened: Counter = plain!("eventgate_streams_opened", "SSE streams opened.");
+        let hub_receivers: Gauge = plain!(
+            "eventgate_hub_receivers",
+            "Broadcast receivers attached to the hub."
+        );
+        let subscribers = Family::<Label, Gauge>::default();
+        registry.register(
+            "eventgate_subscribers",
+            "SSE subscribers by state.",
+            subscribers.clone(),
+        );
+        let streams_refused: Counter = plain!(
+            "eventgate_streams_refused",
+            "Streams refused at the per-client limit."
+        );
+        let hub_jobs: Gauge = plain!("eventgate_hub_jobs", "Jobs with state in the hub.");
+        let notifications: Counter = plain!(
+            "eventgate_notifications",
+            "Notifications received on the LISTEN connection."
+        );
+        let counter_polls: Counter = plain!(
+            "eventgate_counter_polls",
+            "Polls over the new events of every served job (the debounced-notify safety net)."
+        );
+        let batches_encoded: Counter = plain!(
+            "eventgate_batches_encoded",
+            "Batches of frames encoded once for all subscribers."
+        );
+        let jobs_created: Counter = plain!(
+            "eventgate_hub_jobs_created",
+            "Job states created in the hub."
+        );
+        let ring_catch_ups: Counter = plain!(
+            "eventgate_ring_catch_ups",
+            "Resumes served from the in-memory ring without a query."
+        );
+        let lag_resyncs: Counter = plain!(
+            "eventgate_lag_resyncs",
+            "Subscribers that fell behind the channel and resynced."
+        );
+        let listener_reconnects: Counter = plain!(
+            "eventgate_listener_reconnects",
+            "Times the LISTEN connection was re-established."
+        );
+        let listener_up: Gauge = plain!(
+            "eventgate_listener_up",
+            "Whether the LISTEN connection is up."
+        );
+        let events_delivered: Counter = plain!(
+            "eventgate_events_delivered",
+            "Events written to SSE streams."
+        );
+        let bytes_delivered: Counter =
+            plain!("eventgate_bytes_delivered", "Bytes written to SSE streams.");
+        let commit_to_send = Histogram::new(LATENCY_BUCKETS);
+        registry.register(
+            "eventgate_commit_to_send_seconds",
+            "Time from an event's insert to its broadcast to subscribers.",
+            commit_to_send.clone(),
+        );
+        let table_reads = Family::<Label, Counter>::default();
+        registry.register(
+            "eventgate_table_reads",
+            "Reads of agent_job_events, by purpose.",
+            table_reads.clone(),
+        );
+        let auth = Family::<Label, Counter>::default();
+        // Every reason shows from the start, at 0.
+        for failure in Failure::ALL {
+            let _ = auth.get_or_create(&[("reason", failure.label())]);
+        }
+        registry.register(
+            "eventgate_auth_failures",
+            "Requests refused by auth, by reason.",
+            auth.clone(),
+        );
+        let read = |purpose| table_reads.get_or_create(&[("purpose", purpose)]).clone();
+        let subscribers_catching_up = subscribers
+            .get_or_create(&[("state", "catching_up")])
+            .clone();
+        let subscribers_live = subscribers.get_or_create(&[("state", "live")]).clone();
+        Metrics {
+            table_reads_live: read("live"),
+            table_reads_backfill: read("backfill"),
+            table_reads_page: read("page"),
+            auth_failures: auth,
+            subscribers_catching_up,
+            subscribers_live,
+            registry,
+            connections,
+            connections_refused,
+            streams_open,
+            streams_opened,
+            notifications,
+            batches_encoded,
+            jobs_created,
+            ring_catch_ups,
+            lag_resyncs,
+            listener_reconnects,
+            events_delivered,
+            bytes_delivered,
+            streams_catching_up: Gauge::default(),
+            counter_polls,
+            streams_refused,
+            commit_to_send,
+            hub_jobs,
+            hub_receivers,
+            listener_up,
+        }
+    }
 }
 
 impl Metrics {
     /// A request refused by auth, by reason.
-    pub fn auth_failure(&self, failure: crate::auth::Failure) {
-        self.auth_failures[failure as usize].inc();
+    pub fn auth_failure(&self, failure: Failure) {
+        self.auth_failures
+            .get_or_create(&[("reason", failure.label())])
+            .inc();
     }
 
     /// A page of events read for a polling client.
@@ -118,165 +199,78 @@ impl Metrics {
         self.table_reads_page.inc();
     }
 
+    /// An event broadcast `us` microseconds after its insert.
+    pub fn observe_commit_to_send_us(&self, us: u64) {
+        self.commit_to_send.observe(us as f64 / 1e6);
+    }
+
     /// The text exposition; `jobs` and `subscribers` are read from the hub.
     pub fn render(&self, jobs: usize, subscribers: usize, listener_up: bool) -> String {
-        let mut out = String::with_capacity(4096);
-        let family = |out: &mut String, name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {value}");
-        };
-        family(
-            &mut out,
-            "eventgate_connections",
-            "gauge",
-            "Open HTTP connections.",
-            self.connections.get(),
-        );
-        family(
-            &mut out,
-            "eventgate_connections_refused_total",
-            "counter",
-            "Connections answered 503 at the connection limit.",
-            self.connections_refused.get(),
-        );
-        family(
-            &mut out,
-            "eventgate_streams_open",
-            "gauge",
-            "Open SSE streams.",
-            self.streams_open.get(),
-        );
-        family(
-            &mut out,
-            "eventgate_streams_opened_total",
-            "counter",
-            "SSE streams opened.",
-            self.streams_opened.get(),
-        );
-        family(
-            &mut out,
-            "eventgate_hub_receivers",
-            "gauge",
-            "Broadcast receivers attached to the hub.",
-            subscribers as u64,
-        );
+        self.hub_jobs.set(jobs as i64);
+        self.hub_receivers.set(subscribers as i64);
+        self.listener_up.set(listener_up as i64);
         let catching_up = self.streams_catching_up.get();
-        let open = self.streams_open.get();
-        let _ = writeln!(
-            out,
-            "# HELP eventgate_subscribers SSE subscribers by state.\n\
-             # TYPE eventgate_subscribers gauge\n\
-             eventgate_subscribers{{state=\"catching_up\"}} {catching_up}\n\
-             eventgate_subscribers{{state=\"live\"}} {}",
-            open.saturating_sub(catching_up)
-        );
-        family(
-            &mut out,
-            "eventgate_streams_refused_total",
-            "counter",
-            "Streams refused at the per-client limit.",
-            self.streams_refused.get(),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP eventgate_auth_failures_total Requests refused by auth, by reason.\n\
-             # TYPE eventgate_auth_failures_total counter"
-        );
-        for failure in crate::auth::Failure::ALL {
-            let _ = writeln!(
-                out,
-                "eventgate_auth_failures_total{{reason=\"{}\"}} {}",
-                failure.label(),
-                self.auth_failures[failure as usize].get()
+        self.subscribers_catching_up.set(catching_up);
+        self.subscribers_live
+            .set((self.streams_open.get() - catching_up).max(0));
+        let mut out = String::with_capacity(8192);
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, name: &str) -> Option<String> {
+        text.lines().find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key == name).then(|| value.to_string())
+        })
+    }
+
+    #[test]
+    fn every_series_is_named_as_before() {
+        let metrics = Metrics::default();
+        metrics.table_reads_live.inc();
+        metrics.table_read_page();
+        metrics.auth_failure(Failure::Scope);
+        metrics.streams_open.inc();
+        metrics.observe_commit_to_send_us(1500);
+        let text = metrics.render(3, 4, true);
+        for (name, expected) in [
+            ("eventgate_connections", "0"),
+            ("eventgate_streams_open", "1"),
+            ("eventgate_hub_jobs", "3"),
+            ("eventgate_hub_receivers", "4"),
+            ("eventgate_listener_up", "1"),
+            ("eventgate_table_reads_total{purpose=\"live\"}", "1"),
+            ("eventgate_table_reads_total{purpose=\"backfill\"}", "0"),
+            ("eventgate_table_reads_total{purpose=\"page\"}", "1"),
+            ("eventgate_auth_failures_total{reason=\"scope\"}", "1"),
+            ("eventgate_auth_failures_total{reason=\"missing\"}", "0"),
+            ("eventgate_subscribers{state=\"live\"}", "1"),
+            ("eventgate_subscribers{state=\"catching_up\"}", "0"),
+            ("eventgate_commit_to_send_seconds_count", "1"),
+            ("eventgate_commit_to_send_seconds_bucket{le=\"0.002\"}", "1"),
+            ("eventgate_commit_to_send_seconds_bucket{le=\"0.001\"}", "0"),
+            ("eventgate_notifications_total", "0"),
+            ("eventgate_counter_polls_total", "0"),
+            ("eventgate_lag_resyncs_total", "0"),
+            ("eventgate_listener_reconnects_total", "0"),
+            ("eventgate_connections_refused_total", "0"),
+            ("eventgate_ring_catch_ups_total", "0"),
+            ("eventgate_streams_opened_total", "0"),
+            ("eventgate_batches_encoded_total", "0"),
+            ("eventgate_events_delivered_total", "0"),
+            ("eventgate_bytes_delivered_total", "0"),
+        ] {
+            assert_eq!(
+                value(&text, name).as_deref(),
+                Some(expected),
+                "{name} in\n{text}"
             );
         }
-        family(
-            &mut out,
-            "eventgate_hub_jobs",
-            "gauge",
-            "Jobs with state in the hub.",
-            jobs as u64,
-        );
-        family(
-            &mut out,
-            "eventgate_notifications_total",
-            "counter",
-            "Notifications received on the LISTEN connection.",
-            self.notifications.get(),
-        );
-        let _ = writeln!(
-            &mut out,
-            "# HELP eventgate_table_reads_total Reads of agent_job_events.\n\
-             # TYPE eventgate_table_reads_total counter\n\
-             eventgate_table_reads_total{{purpose=\"live\"}} {}\n\
-             eventgate_table_reads_total{{purpose=\"backfill\"}} {}\n\
-             eventgate_table_reads_total{{purpose=\"page\"}} {}",
-            self.table_reads_live.get(),
-            self.table_reads_backfill.get(),
-            self.table_reads_page.get()
-        );
-        family(
-            &mut out,
-            "eventgate_counter_polls_total",
-            "counter",
-            "Polls over the new events of every served job (the debounced-notify safety net).",
-            self.counter_polls.get(),
-        );
-        family(
-            &mut out,
-            "eventgate_batches_encoded_total",
-            "counter",
-            "Batches of frames encoded once for all subscribers.",
-            self.batches_encoded.get(),
-        );
-        family(
-            &mut out,
-            "eventgate_ring_catch_ups_total",
-            "counter",
-            "Resumes served from the in-memory ring without a query.",
-            self.ring_catch_ups.get(),
-        );
-        family(
-            &mut out,
-            "eventgate_lag_resyncs_total",
-            "counter",
-            "Subscribers that fell behind the channel and resynced.",
-            self.lag_resyncs.get(),
-        );
-        family(
-            &mut out,
-            "eventgate_listener_reconnects_total",
-            "counter",
-            "Times the LISTEN connection was re-established.",
-            self.listener_reconnects.get(),
-        );
-        family(
-            &mut out,
-            "eventgate_listener_up",
-            "gauge",
-            "Whether the LISTEN connection is up.",
-            listener_up as u64,
-        );
-        self.commit_to_send.render(
-            &mut out,
-            "eventgate_commit_to_send_seconds",
-            "Time from an event's insert to its broadcast to subscribers.",
-        );
-        family(
-            &mut out,
-            "eventgate_events_delivered_total",
-            "counter",
-            "Events written to SSE streams.",
-            self.events_delivered.get(),
-        );
-        family(
-            &mut out,
-            "eventgate_bytes_delivered_total",
-            "counter",
-            "Bytes written to SSE streams.",
-            self.bytes_delivered.get(),
-        );
-        out
     }
 }

@@ -237,7 +237,10 @@ fn metrics(app: &App) -> Response<Body> {
         app.ready.is_up(),
     );
     Response::builder()
-        .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+        .header(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
         .body(full(text))
         .expect("constant headers won't error")
 }
