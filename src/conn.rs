@@ -34,7 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::http::{self, ApiError, App, Body, Route};
 
@@ -59,13 +59,13 @@ const WRITE_BATCH: usize = 8;
 /// The connection preface of HTTP/2 with prior knowledge (h2c).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Serves one connection until it closes or, once `drain` turns true, until its
+/// Serves one connection until it closes or, once `drain` is cancelled, until its
 /// current response is done.
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    drain: watch::Receiver<bool>,
+    drain: CancellationToken,
 ) {
     // A client that sends nothing is cut off like one that sends headers slowly.
     let first = tokio::time::timeout(shared.header_timeout, sniff(&stream)).await;
@@ -96,7 +96,7 @@ async fn serve_hyper(
     stream: TcpStream,
     peer: SocketAddr,
     shared: &Shared,
-    drain: watch::Receiver<bool>,
+    drain: CancellationToken,
     h2: bool,
 ) -> Result<(), BoxError> {
     let app = shared.app.clone();
@@ -111,16 +111,12 @@ async fn serve_hyper(
 }
 
 /// Runs a hyper connection, shutting it down gracefully (finish the response in
-/// flight, then close) once `drain` turns true.
-async fn drive<C: GracefulConnection>(
-    conn: C,
-    mut drain: watch::Receiver<bool>,
-) -> Result<(), C::Error> {
+/// flight, then close) once `drain` is cancelled.
+async fn drive<C: GracefulConnection>(conn: C, drain: CancellationToken) -> Result<(), C::Error> {
     tokio::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => return result,
-        // Also when the sender is gone: the gateway has stopped.
-        _ = drain.wait_for(|draining| *draining) => {}
+        _ = drain.cancelled() => {}
     }
     conn.as_mut().graceful_shutdown();
     conn.await
@@ -266,7 +262,7 @@ async fn serve_stream(
     peer: SocketAddr,
     shared: &Shared,
     head: Box<Head>,
-    drain: &watch::Receiver<bool>,
+    drain: &CancellationToken,
 ) -> io::Result<Option<TcpStream>> {
     // The head was only peeked: consume it.
     let mut consumed = vec![0u8; head.len];
@@ -292,11 +288,11 @@ async fn serve_stream(
         (false, Some(n)) => Framing::Length(n),
         (false, None) => Framing::Chunked,
     };
-    let keep_alive = head.keep_alive && !*drain.borrow();
+    let keep_alive = head.keep_alive && !drain.is_cancelled();
     let wire_head = encode_head(&parts, framing, keep_alive);
     drop(parts);
     let reusable = pump(&stream, wire_head, &mut body, framing).await?;
-    Ok((keep_alive && reusable && !*drain.borrow()).then_some(stream))
+    Ok((keep_alive && reusable && !drain.is_cancelled()).then_some(stream))
 }
 
 #[derive(Clone, Copy)]

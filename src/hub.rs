@@ -6,21 +6,23 @@
 //! `tokio::sync::broadcast` channel of shared, already-encoded batches.
 //!
 //! Reads are driven by notifications: a notification for a job with state starts one
-//! read task for that job, and notifications arriving while it runs only mark it dirty,
-//! so a burst costs one or two reads whatever the number of subscribers. The read takes
+//! read task for that job, and notifications arriving while it runs only ask for
+//! another read ([`Read::Again`]), so a burst costs one or two reads whatever the number
+//! of subscribers. The read takes
 //! `seq > last_seq`, which is a contiguous range because seqs are gap-free and
-//! commit-ordered (see `sql/`). The counter poll (`poll_counters`) is the other way in:
+//! commit-ordered (see `sql/`). The counter poll ([`Hub::start_counter_poll`]) is the other way in:
 //! on a timer, one query reads what is new for every job no read task holds, so events
 //! whose NOTIFY was debounced cost no query of their own.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deadpool_postgres::Pool;
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
@@ -86,7 +88,11 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// A std Mutex: nothing awaits while it is held.
     jobs: Mutex<HashMap<Uuid, Arc<Job>>>,
-    shutting_down: AtomicBool,
+    /// Cancelled by [`Hub::shutdown`]: no new subscribers, no new reads.
+    stop: CancellationToken,
+    /// Every task the hub starts (read tasks, the counter poll), so that shutdown can
+    /// wait for them.
+    tasks: TaskTracker,
 }
 
 /// The shared state of one job.
@@ -105,14 +111,23 @@ struct State {
     ring_bytes: usize,
     /// Set once the job's final status event has been seen at the end of the table.
     end: Option<End>,
-    /// A read task is running for this job.
-    reading: bool,
-    /// A wake arrived while the read task ran...
-    dirty: bool,
-    /// ...asking for events up to this seq: read again only if the read fell short.
-    wanted: i64,
+    /// Who reads the job's new events.
+    read: Read,
     /// When the last subscriber left (the janitor's clock).
     idle_since: Option<Instant>,
+}
+
+/// Who reads a job's new events, and whether more were announced meanwhile. Only the
+/// holder of `Running` or `Again` reads, so reads of one job never race.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Nobody: the next wake starts a read task.
+    Idle,
+    /// A read task, or the counter poll, is reading.
+    Running,
+    /// ...and a wake during that read announced events up to this seq: read again
+    /// only if the read fell short of it.
+    Again(i64),
 }
 
 /// Where a new subscriber starts.
@@ -149,13 +164,10 @@ impl Hub {
                 settings,
                 metrics,
                 jobs: Mutex::new(HashMap::new()),
-                shutting_down: AtomicBool::new(false),
+                stop: CancellationToken::new(),
+                tasks: TaskTracker::new(),
             }),
         }
-    }
-
-    pub fn pool(&self) -> &Pool {
-        &self.inner.pool
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -274,15 +286,16 @@ impl Hub {
             if max_seq <= state.last_seq {
                 return;
             }
-            if state.reading {
-                state.dirty = true;
-                state.wanted = state.wanted.max(max_seq);
+            state.read = match state.read {
+                Read::Idle => Read::Running,
+                Read::Running => Read::Again(max_seq),
+                Read::Again(wanted) => Read::Again(wanted.max(max_seq)),
+            };
+            if state.read != Read::Running {
                 return;
             }
-            state.reading = true;
         }
-        let hub = self.clone();
-        tokio::spawn(async move { hub.read_loop(job).await });
+        self.spawn_read(job);
     }
 
     /// Wakes every job with state: after the LISTEN connection came back, anything
@@ -302,20 +315,18 @@ impl Hub {
     /// together (an index probe per job), none when no one is subscribed. Events are
     /// read in the same query, not by a read per job afterwards: under load most events
     /// come this way, so that saves a query per job with news on every tick.
-    pub async fn poll_counters(&self) -> Result<(), crate::Error> {
-        // Claim the jobs as a read task would (`reading` set), so that wakes during the
-        // query mark them dirty instead of starting a read that would race this one.
+    async fn poll_counters(&self) -> Result<(), crate::Error> {
+        // Claim the jobs as a read task would (`Running`), so that wakes during the
+        // query ask for another read instead of starting one that would race this one.
         let claimed: Vec<(Arc<Job>, i64)> = self
             .jobs()
             .values()
             .filter_map(|job| {
                 let mut state = job.lock();
-                if state.reading {
+                if state.read != Read::Idle {
                     return None;
                 }
-                state.reading = true;
-                state.dirty = false;
-                state.wanted = 0;
+                state.read = Read::Running;
                 Some((job.clone(), state.last_seq))
             })
             .collect();
@@ -350,11 +361,18 @@ impl Hub {
             // A full page, or a wake during the query for more than it found: the
             // job's own read task takes over (and, after a failed query, retries).
             if self.keep_reading(&job, full) {
-                let hub = self.clone();
-                tokio::spawn(async move { hub.read_loop(job).await });
+                self.spawn_read(job);
             }
         }
         outcome
+    }
+
+    /// Starts the read task of a job whose read state this caller set to `Running`.
+    fn spawn_read(&self, job: Arc<Job>) {
+        let hub = self.clone();
+        self.inner
+            .tasks
+            .spawn(async move { hub.read_loop(job).await });
     }
 
     /// Reads and broadcasts until the job has nothing new and no notification is
@@ -362,14 +380,13 @@ impl Hub {
     async fn read_loop(&self, job: Arc<Job>) {
         let mut backoff = Backoff::gateway();
         loop {
-            if self.inner.shutting_down.load(Ordering::Relaxed) {
-                job.lock().reading = false;
+            if self.is_shutting_down() {
+                job.lock().read = Read::Idle;
                 return;
             }
             let after = {
                 let mut state = job.lock();
-                state.dirty = false;
-                state.wanted = 0;
+                state.read = Read::Running;
                 state.last_seq
             };
             let events = match self.read(job.id, after).await {
@@ -379,7 +396,10 @@ impl Hub {
                 }
                 Err(e) => {
                     tracing::warn!(job = %job.id, error = %e, "reading events failed; retrying");
-                    tokio::time::sleep(backoff.next()).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next()) => {}
+                        _ = self.inner.stop.cancelled() => {}
+                    }
                     continue;
                 }
             };
@@ -416,18 +436,27 @@ impl Hub {
         }
     }
 
-    /// After a read of a job that holds `reading`: whether to read again, keeping the
+    /// After a read by the holder of `Running`: whether to read again, keeping the
     /// claim, or to release it. Read again when the page was full, or when a wake that
     /// came during the read asked for more than it found (its events committed after
     /// the read's snapshot). A wake for what was just read costs nothing.
     fn keep_reading(&self, job: &Job, full: bool) -> bool {
         let mut state = job.lock();
-        if full || (state.dirty && state.wanted > state.last_seq) {
+        if full || matches!(state.read, Read::Again(wanted) if wanted > state.last_seq) {
             return true;
         }
-        state.reading = false;
-        state.dirty = false;
+        state.read = Read::Idle;
         false
+    }
+
+    /// A page of a job's events after `after`, for a subscriber catching up from its
+    /// cursor: the stream asks the hub, which owns the pool.
+    pub async fn backfill(&self, job_id: Uuid, after: i64) -> Result<Vec<Event>, crate::Error> {
+        let client = self.inner.pool.get().await?;
+        self.inner.metrics.table_reads_backfill.inc();
+        let events = store::events_after(&client, job_id, after, None, READ_PAGE).await;
+        crate::db::release(client, &events);
+        Ok(events?)
     }
 
     async fn read(&self, job_id: Uuid, after: i64) -> Result<Vec<Event>, crate::Error> {
@@ -452,7 +481,7 @@ impl Hub {
         let mut jobs = self.jobs();
         jobs.retain(|_, job| {
             let mut state = job.lock();
-            if job.tx.receiver_count() > 0 || state.reading {
+            if job.tx.receiver_count() > 0 || state.read != Read::Idle {
                 state.idle_since = None;
                 return true;
             }
@@ -461,16 +490,59 @@ impl Hub {
         });
     }
 
-    /// Tells every stream to end; new subscriptions are refused from now on.
+    /// Tells every stream to end and every task of the hub to stop; new
+    /// subscriptions are refused from now on. [`Hub::stopped`] waits for the tasks.
+    ///
+    /// Streams learn it from their job's channel (`Item::Shutdown`), which they poll
+    /// anyway, rather than from the token: a token polled by every stream would add a
+    /// shared lock to every delivery to every subscriber.
     pub fn shutdown(&self) {
-        self.inner.shutting_down.store(true, Ordering::Relaxed);
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        // Under the map's lock: see `subscribe`.
         for job in self.jobs().values() {
             let _ = job.tx.send(Item::Shutdown);
         }
     }
 
+    /// Resolves once every task the hub started has ended (after [`Hub::shutdown`]).
+    pub async fn stopped(&self) {
+        self.inner.tasks.wait().await
+    }
+
     pub fn is_shutting_down(&self) -> bool {
-        self.inner.shutting_down.load(Ordering::Relaxed)
+        self.inner.stop.is_cancelled()
+    }
+
+    /// Starts the counter poll: every `interval`, one query delivers what debounced or
+    /// suppressed notifications did not announce. Zero turns it off. It stops with the
+    /// hub.
+    pub fn start_counter_poll(&self, interval: Duration) {
+        if interval.is_zero() {
+            return;
+        }
+        let hub = self.clone();
+        self.inner.tasks.spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = hub.inner.stop.cancelled() => return,
+                }
+                match hub.poll_counters().await {
+                    Ok(()) => failing = false,
+                    Err(e) => {
+                        // Log once per outage, not 50 times a second.
+                        if !failing {
+                            tracing::warn!(error = %e, "counter poll failed; retrying");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+        });
     }
 
     /// Subscribers per job, summed.
@@ -491,9 +563,7 @@ impl Job {
                 ring_events: 0,
                 ring_bytes: 0,
                 end,
-                reading: false,
-                dirty: false,
-                wanted: 0,
+                read: Read::Idle,
                 idle_since: None,
             }),
         }

@@ -9,12 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
-use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::status::StatusFeed;
 
 /// Channel of event hints, payload `<job_id>:<max_seq>`.
@@ -36,26 +37,27 @@ impl Readiness {
     }
 }
 
-/// Runs the listener until `shutdown` turns true.
+/// Runs the listener until `shutdown` is cancelled.
 pub async fn run(
     url: String,
     hub: Hub,
     feed: StatusFeed,
     ready: Readiness,
-    mut shutdown: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::gateway();
     let mut first = true;
     loop {
         tokio::select! {
-            result = session(&url, &hub, &feed, &ready, first) => {
+            result = session(&url, &hub, &feed, &ready, &metrics, first) => {
                 ready.set(false);
                 match result {
                     Ok(()) => tracing::warn!("listen connection closed; reconnecting"),
                     Err(e) => tracing::warn!(error = %e, "listen connection failed; reconnecting"),
                 }
             }
-            _ = shutdown.wait_for(|stop| *stop) => {
+            _ = shutdown.cancelled() => {
                 ready.set(false);
                 return;
             }
@@ -63,7 +65,7 @@ pub async fn run(
         first = false;
         tokio::select! {
             _ = tokio::time::sleep(backoff.next()) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = shutdown.cancelled() => return,
         }
         if ready.is_up() {
             backoff.reset();
@@ -78,6 +80,7 @@ async fn session(
     hub: &Hub,
     feed: &StatusFeed,
     ready: &Readiness,
+    metrics: &Metrics,
     first: bool,
 ) -> Result<(), crate::Error> {
     let config = crate::db::config(url)?;
@@ -107,7 +110,7 @@ async fn session(
             .await?;
         ready.set(true);
         if !first {
-            hub.metrics().listener_reconnects.inc();
+            metrics.listener_reconnects.inc();
         }
         tracing::info!("listening for notifications");
         // Only now, with LISTEN in place, can nothing slip between the sweep and the
@@ -116,7 +119,7 @@ async fn session(
         feed.sweep();
         while let Some(message) = msg_rx.recv().await {
             if let AsyncMessage::Notification(n) = message {
-                dispatch(hub, feed, n.channel(), n.payload());
+                dispatch(hub, feed, metrics, n.channel(), n.payload());
             }
         }
         Ok::<(), crate::Error>(())
@@ -127,8 +130,8 @@ async fn session(
     }
 }
 
-fn dispatch(hub: &Hub, feed: &StatusFeed, channel: &str, payload: &str) {
-    hub.metrics().notifications.inc();
+fn dispatch(hub: &Hub, feed: &StatusFeed, metrics: &Metrics, channel: &str, payload: &str) {
+    metrics.notifications.inc();
     let Some((id, rest)) = payload.split_once(':') else {
         tracing::debug!(channel, payload, "ignoring malformed notification");
         return;

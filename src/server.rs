@@ -12,7 +12,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::conn;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::http::App;
@@ -61,8 +63,12 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     let pool = crate::db::pool(&config.database_url, config.pool_size)?;
     let hub = Hub::new(pool.clone(), config.hub.clone(), metrics.clone());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (feed, feed_task) = StatusFeed::start(pool.clone(), stop_rx.clone());
+    // The one signal type of every task and body. `drain` first: streams end, each
+    // connection finishes its response in flight and closes, the hub stops. `stop`
+    // once the connections are gone: the background tasks end.
+    let drain = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let (feed, feed_task) = StatusFeed::start(pool.clone(), drain.clone());
     let ready = Readiness::default();
 
     let listener_task = tokio::spawn(listen::run(
@@ -70,20 +76,16 @@ pub async fn run(
         hub.clone(),
         feed.clone(),
         ready.clone(),
-        stop_rx.clone(),
+        metrics.clone(),
+        stop.clone(),
     ));
     let ticker_task = tokio::spawn(tick(
         hub.clone(),
         feed.clone(),
         config.keep_alive,
-        stop_rx.clone(),
+        stop.clone(),
     ));
-
-    let poll_task = tokio::spawn(poll_counters(
-        hub.clone(),
-        config.counter_poll,
-        stop_rx.clone(),
-    ));
+    hub.start_counter_poll(config.counter_poll);
 
     let app = Arc::new(App::new(
         config.clone(),
@@ -112,11 +114,10 @@ pub async fn run(
         http2,
         header_timeout: config.header_timeout,
     });
-    // Turns true when the gateway drains: each connection finishes its response in
-    // flight and closes. Every connection holds a permit of `connections` until it ends,
-    // so getting all of them back means every connection is gone.
-    let (drain_tx, drain_rx) = watch::channel(false);
-    let connections = Arc::new(Semaphore::new(config.max_connections));
+    // Every connection holds a permit of `limit` until it ends, and is a task of
+    // `connections`, so that the drain can wait for it and abort it at the deadline.
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let mut connections = JoinSet::new();
 
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
     tokio::pin!(shutdown);
@@ -131,20 +132,21 @@ pub async fn run(
                     continue;
                 }
             },
+            // Reap finished connections, so the set holds only open ones.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
             metrics.connections_refused.inc();
-            tokio::spawn(conn::refuse(stream, config.retry_ms));
+            connections.spawn(conn::refuse(stream, config.retry_ms));
             continue;
         };
-        metrics.connections.inc();
-        let (shared, drain, metrics) = (shared.clone(), drain_rx.clone(), metrics.clone());
-        tokio::spawn(async move {
+        let open = Open::new(metrics.clone(), permit);
+        let (shared, drain) = (shared.clone(), drain.clone());
+        connections.spawn(async move {
             conn::serve(stream, peer, shared, drain).await;
-            metrics.connections.dec();
-            drop(permit);
+            drop(open);
         });
     }
 
@@ -152,21 +154,25 @@ pub async fn run(
     drop(listener);
     // Streams end themselves on this; then idle keep-alive connections close.
     hub.shutdown();
-    feed.shutdown();
-    let _ = drain_tx.send(true);
-    let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
-    let drained = tokio::time::timeout(config.shutdown_grace, connections.acquire_many(all)).await;
-    if drained.is_err() {
+    drain.cancel();
+    let all_closed = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(config.shutdown_grace, all_closed)
+        .await
+        .is_err()
+    {
         tracing::warn!(
+            left = connections.len(),
             "drain deadline of {:?} passed; closing what is left",
             config.shutdown_grace
         );
+        // Dropping a connection's task closes its socket.
+        connections.shutdown().await;
     }
-    let _ = stop_tx.send(true);
+    stop.cancel();
+    hub.stopped().await;
     for (name, task) in [
         ("listener", listener_task),
         ("ticker", ticker_task),
-        ("counter poll", poll_task),
         ("status feed", feed_task),
     ] {
         if let Err(e) = task.await {
@@ -178,12 +184,7 @@ pub async fn run(
 }
 
 /// Keep-alives for every stream, and dropping idle jobs, on one timer each.
-async fn tick(
-    hub: Hub,
-    feed: StatusFeed,
-    keep_alive: Duration,
-    mut stop_rx: watch::Receiver<bool>,
-) {
+async fn tick(hub: Hub, feed: StatusFeed, keep_alive: Duration, stop: CancellationToken) {
     let mut keep_alive = tokio::time::interval(keep_alive);
     keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     keep_alive.tick().await;
@@ -195,35 +196,31 @@ async fn tick(
                 feed.keep_alive();
             }
             _ = janitor.tick() => hub.drop_idle(),
-            _ = stop_rx.wait_for(|stop| *stop) => return,
+            _ = stop.cancelled() => return,
         }
     }
 }
 
-/// The counter poll: delivers events whose notification was debounced or suppressed,
-/// within `interval`.
-async fn poll_counters(hub: Hub, interval: Duration, mut stop_rx: watch::Receiver<bool>) {
-    if interval.is_zero() {
-        return;
+/// An open connection: counted in `eventgate_connections` and holding its place under
+/// the connection limit until it is dropped (when it ends or is aborted).
+struct Open {
+    metrics: Arc<Metrics>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Open {
+    fn new(metrics: Arc<Metrics>, permit: OwnedSemaphorePermit) -> Open {
+        metrics.connections.inc();
+        Open {
+            metrics,
+            _permit: permit,
+        }
     }
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop_rx.wait_for(|stop| *stop) => return,
-        }
-        match hub.poll_counters().await {
-            Ok(()) => failing = false,
-            Err(e) => {
-                // Log once per outage, not 40 times a second.
-                if !failing {
-                    tracing::warn!(error = %e, "counter poll failed; retrying");
-                }
-                failing = true;
-            }
-        }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.metrics.connections.dec();
     }
 }
 

@@ -12,7 +12,8 @@ use std::convert::Infallible;
 use bytes::Bytes;
 use futures::StreamExt;
 use hyper::body::Frame;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::auth::Grant;
@@ -20,9 +21,8 @@ use crate::backoff::Backoff;
 use crate::sse;
 use crate::store;
 
-/// Frames of the status stream with the job they are about (nil: for everyone);
-/// `None` means the gateway is shutting down.
-pub type Item = Option<(Uuid, Bytes)>;
+/// Frames of the status stream with the job they are about (nil: for everyone).
+type Item = (Uuid, Bytes);
 
 /// Jobs re-sent after the LISTEN connection came back.
 const SWEEP_JOBS: i64 = 100;
@@ -35,22 +35,29 @@ pub struct StatusFeed {
 
 struct Inner {
     tx: broadcast::Sender<Item>,
+    /// Cancelled when the gateway drains: every stream ends, then the reader task.
+    shutdown: CancellationToken,
     /// `Some(id)`: a job changed; `None`: resend the recently changed jobs.
     changed_tx: mpsc::UnboundedSender<Option<Uuid>>,
 }
 
 impl StatusFeed {
-    /// Creates the feed and its reader task, which stops when `shutdown` turns true.
+    /// Creates the feed and its reader task; both its streams and the task end when
+    /// `shutdown` is cancelled.
     pub fn start(
         pool: deadpool_postgres::Pool,
-        shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) -> (StatusFeed, tokio::task::JoinHandle<()>) {
         let (tx, _) = broadcast::channel(1024);
         let (changed_tx, changed_rx) = mpsc::unbounded_channel();
         let feed = StatusFeed {
-            inner: Arc::new(Inner { tx, changed_tx }),
+            inner: Arc::new(Inner {
+                tx,
+                changed_tx,
+                shutdown,
+            }),
         };
-        let task = tokio::spawn(feed.clone().run(pool, changed_rx, shutdown));
+        let task = tokio::spawn(feed.clone().run(pool, changed_rx));
         (feed, task)
     }
 
@@ -74,20 +81,29 @@ impl StatusFeed {
     ) -> impl futures::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send {
         let first = sse::retry_frame(retry_ms);
         let first = futures::stream::once(async move { Ok(Frame::data(first)) });
+        let shutdown = self.inner.shutdown.clone();
         let rest = futures::stream::unfold(Some(self.inner.tx.subscribe()), move |rx| {
             let grant = grant.clone();
+            let shutdown = shutdown.clone();
             async move {
                 let mut rx = rx?;
+                // Credentials that never expire: a deadline that never comes.
+                let deadline = deadline.map(tokio::time::sleep_until);
+                let expired = async move {
+                    match deadline {
+                        Some(sleep) => sleep.await,
+                        None => futures::future::pending().await,
+                    }
+                };
+                tokio::pin!(expired);
                 loop {
-                    let item = match deadline {
-                        Some(deadline) => tokio::select! {
-                            item = rx.recv() => item,
-                            _ = tokio::time::sleep_until(deadline) => return None,
-                        },
-                        None => rx.recv().await,
+                    let item = tokio::select! {
+                        item = rx.recv() => item,
+                        _ = &mut expired => return None,
+                        _ = shutdown.cancelled() => return None,
                     };
                     match item {
-                        Ok(Some((job, bytes))) => {
+                        Ok((job, bytes)) => {
                             if !job.is_nil() && !grant.covers(job) {
                                 continue;
                             }
@@ -96,7 +112,7 @@ impl StatusFeed {
                         // A list page that fell behind would miss changes: end the
                         // stream instead, so it reconnects and re-reads the list (as it
                         // does after any reconnect). Never a silent skip.
-                        Ok(None) | Err(_) => return None,
+                        Err(_) => return None,
                     }
                 }
             }
@@ -108,24 +124,20 @@ impl StatusFeed {
         let _ = self
             .inner
             .tx
-            .send(Some((Uuid::nil(), Bytes::from_static(sse::KEEP_ALIVE))));
-    }
-
-    pub fn shutdown(&self) {
-        let _ = self.inner.tx.send(None);
+            .send((Uuid::nil(), Bytes::from_static(sse::KEEP_ALIVE)));
     }
 
     async fn run(
         self,
         pool: deadpool_postgres::Pool,
         mut changed_rx: mpsc::UnboundedReceiver<Option<Uuid>>,
-        mut shutdown: watch::Receiver<bool>,
     ) {
+        let shutdown = &self.inner.shutdown;
         let mut backoff = Backoff::gateway();
         loop {
             let first = tokio::select! {
                 first = changed_rx.recv() => first,
-                _ = shutdown.wait_for(|stop| *stop) => return,
+                _ = shutdown.cancelled() => return,
             };
             let Some(first) = first else { return };
             // Take everything that is already waiting: one query for the burst.
@@ -151,7 +163,7 @@ impl StatusFeed {
                         backoff.reset();
                         for job in jobs {
                             let frame = sse::named_frame("job_status", &job);
-                            let _ = self.inner.tx.send(Some((job.id, frame)));
+                            let _ = self.inner.tx.send((job.id, frame));
                         }
                         break;
                     }
@@ -159,7 +171,7 @@ impl StatusFeed {
                         tracing::warn!(error = %e, "reading job statuses failed; retrying");
                         tokio::select! {
                             _ = tokio::time::sleep(backoff.next()) => {}
-                            _ = shutdown.wait_for(|stop| *stop) => return,
+                            _ = shutdown.cancelled() => return,
                         }
                     }
                 }

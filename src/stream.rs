@@ -24,7 +24,6 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::backoff::Backoff;
 use crate::hub::{CatchUp, Hub, Item, Subscription, READ_PAGE};
 use crate::sse::{self, Batch};
-use crate::store;
 
 /// Attempts at a backfill read (about 25 s with backoff) before the stream ends and
 /// lets the client reconnect with its Last-Event-ID.
@@ -176,22 +175,11 @@ impl Subscriber {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let result = async {
-                let client = self.hub.pool().get().await?;
-                self.hub.metrics().table_reads_backfill.inc();
-                let events = store::events_after(
-                    &client,
-                    self.subscription.job.id(),
-                    self.cursor,
-                    None,
-                    READ_PAGE,
-                )
-                .await;
-                crate::db::release(client, &events);
-                Ok::<_, crate::Error>(events?)
-            }
-            .await;
-            match result {
+            match self
+                .hub
+                .backfill(self.subscription.job.id(), self.cursor)
+                .await
+            {
                 Ok(events) => return Ok(events),
                 Err(e) if attempt >= BACKFILL_ATTEMPTS => return Err(e),
                 Err(_) => tokio::time::sleep(backoff.next()).await,

@@ -22,8 +22,7 @@ fn app_with(config: Config) -> Arc<App> {
     let pool = crate::db::pool(&config.database_url, 1).expect("a pool is lazy");
     let metrics = Arc::new(Metrics::default());
     let hub = Hub::new(pool.clone(), config.hub.clone(), metrics.clone());
-    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (feed, _task) = StatusFeed::start(pool.clone(), stop_rx);
+    let (feed, _task) = StatusFeed::start(pool.clone(), Default::default());
     Arc::new(App::new(
         config,
         pool,
