@@ -31,7 +31,7 @@ pub async fn run(
             eprintln!("starting a throwaway PostgreSQL...");
             let cluster = tokio::task::spawn_blocking(|| Cluster::start(Options::default()))
                 .await
-                .map_err(|e| Error::config(format!("cluster start panicked: {e}")))??;
+                .map_err(|e| Error::internal(format!("cluster start panicked: {e}")))??;
             let url = cluster.url();
             (Some(cluster), url)
         }

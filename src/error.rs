@@ -7,6 +7,8 @@ use std::fmt;
 pub struct Error {
     kind: Kind,
     message: String,
+    /// What caused it, for `source()`; its text is already part of `message`.
+    cause: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +16,8 @@ enum Kind {
     Config,
     Db,
     Io,
+    /// A bug or a task that failed (a panic): a run-time failure, never a usage one.
+    Internal,
 }
 
 impl Error {
@@ -22,6 +26,7 @@ impl Error {
         Error {
             kind: Kind::Config,
             message: message.into(),
+            cause: None,
         }
     }
 
@@ -30,6 +35,16 @@ impl Error {
         Error {
             kind: Kind::Db,
             message: message.into(),
+            cause: None,
+        }
+    }
+
+    /// A task that failed or panicked: a run-time failure (exit 1), not a usage one.
+    pub fn internal(message: impl Into<String>) -> Error {
+        Error {
+            kind: Kind::Internal,
+            message: message.into(),
+            cause: None,
         }
     }
 
@@ -45,7 +60,13 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Error {
@@ -57,6 +78,7 @@ impl From<tokio_postgres::Error> for Error {
         Error {
             kind: Kind::Db,
             message,
+            cause: Some(Box::new(e)),
         }
     }
 }
@@ -66,6 +88,7 @@ impl From<deadpool_postgres::PoolError> for Error {
         Error {
             kind: Kind::Db,
             message: format!("database pool: {e}"),
+            cause: Some(Box::new(e)),
         }
     }
 }
@@ -75,6 +98,7 @@ impl From<std::io::Error> for Error {
         Error {
             kind: Kind::Io,
             message: e.to_string(),
+            cause: Some(Box::new(e)),
         }
     }
 }

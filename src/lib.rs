@@ -8,23 +8,35 @@
 //!
 //! # Layout
 //!
-//! Following the data, from the database to the browser:
+//! Following one event from the database to the browser, bottom to top. A module
+//! imports only modules listed before it, except where noted.
 //!
+//! - [`model`]: the domain: `Job`, `JobStatus` (the one status list and the terminal
+//!   rule), `Event`, `Level`, `End`.
+//! - `error`: [`Error`], the crate's error for everything that is not an HTTP response.
+//! - [`auth`]: HS256 tokens: who may read or write which job.
+//! - [`config`]: settings read once and passed down (it imports `hub::Settings`, the
+//!   hub's own tuning, from further down: the hub owns what its settings mean).
+//! - `backoff`: the one retry schedule of the gateway and the worker.
 //! - [`db`]: connection settings, the pool, and the migrations of `sql/`.
 //! - [`store`]: the queries: jobs, pages of events, appends.
-//! - [`listen`]: the one LISTEN connection, its reconnects and catch-up sweeps.
-//! - [`hub`]: per-job state: coalesced reads, a ring of recent batches, broadcast.
+//! - `metrics`: the gateway's counters, exposed by `prometheus-client`.
 //! - [`sse`]: events encoded once into shared SSE frames.
+//! - [`hub`]: per-job state: coalesced reads, the counter poll, a ring of recent
+//!   batches, broadcast; owns its tasks.
+//! - `status`: the job list's single stream of status changes.
+//! - `listen`: the one LISTEN connection, its reconnects and catch-up sweeps; wakes the
+//!   hub and the status feed.
+//! - `limits`: per-client caps (open streams per address).
 //! - [`stream`]: one subscriber: backfill, hand-over to live, lag recovery, end.
-//! - [`status`]: the job list's single stream of status changes.
-//! - [`routes`]: HTTP routing and the JSON API; [`web`]: the embedded dashboard.
-//! - [`server`]: the accept loop, connection limits, background tasks and graceful shutdown;
-//!   [`conn`]: one connection, event streams written without hyper's buffers.
+//! - `http`: the HTTP edge: one route table, errors, bodies, typed queries, CORS, jobs,
+//!   events, streams and the embedded dashboard.
+//! - [`conn`]: one connection: event streams written without hyper's buffers, the rest
+//!   by hyper.
+//! - [`server`]: the accept loop, connection limits, background tasks and the drain.
 //! - [`worker`]: `eventgate run`: a command's output as batched, redacted events.
-//! - [`demo`]: `eventgate demo`, the whole thing with no set-up; [`prune`]: retention.
-//! - [`cluster`]: throwaway PostgreSQL clusters (demo, tests, benchmarks).
-//! - [`auth`]: HS256 tokens: who may read or write which job; [`limits`]: per-client caps.
-//! - [`config`], [`metrics`], [`Error`]: what the rest shares.
+//! - [`prune`]: retention; [`cluster`]: throwaway PostgreSQL clusters (demo, tests,
+//!   benchmarks); [`demo`]: `eventgate demo`, the whole thing with no set-up.
 
 pub mod auth;
 mod backoff;
@@ -34,19 +46,20 @@ pub mod conn;
 pub mod db;
 pub mod demo;
 mod error;
-pub mod http;
+mod http;
 pub mod hub;
-pub mod limits;
-pub mod listen;
-pub mod metrics;
+mod limits;
+mod listen;
+mod metrics;
 pub mod model;
 pub mod prune;
 pub mod server;
 pub mod sse;
-pub mod status;
+mod status;
 pub mod store;
 pub mod stream;
 pub mod worker;
 
 pub use config::Config;
 pub use error::Error;
+pub use model::{End, Event, Job, JobStatus, Level, NewEvent};

@@ -75,11 +75,6 @@ impl ApiError {
         ApiError::new(status, code, failure.message())
     }
 
-    /// The status this error answers with.
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
-
     /// The response; a 503 carries `Retry-After` (`retry_after` seconds, at least 1).
     pub(crate) fn response(&self, retry_after: Option<u64>) -> Response<Body> {
         let mut res = json_response(
