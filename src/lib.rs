@@ -31,8 +31,8 @@
 //! - [`stream`]: one subscriber: backfill, hand-over to live, lag recovery, end.
 //! - `http`: the HTTP edge: one route table, errors, bodies, typed queries, CORS, jobs,
 //!   events, streams and the embedded dashboard.
-//! - [`conn`]: one connection: event streams written without hyper's buffers, the rest
-//!   by hyper.
+//! - [`conn`]: one connection: event streams written without hyper's buffers (its
+//!   `writer`), the rest by hyper.
 //! - [`server`]: the accept loop, connection limits, background tasks and the drain.
 //! - [`worker`]: `eventgate run`: a command's output as batched, redacted events.
 //! - [`prune`]: retention; [`cluster`]: throwaway PostgreSQL clusters (demo, tests,

@@ -14,14 +14,13 @@
 //! Everything else goes to hyper with the socket untouched: other routes, HTTP/1.0,
 //! h2c, heads over [`PEEK_LIMIT`], requests with a body, `Expect` or `Upgrade`, and
 //! pipelined requests. A connection kept alive after a stream ends is handed to hyper
-//! for its next requests.
+//! for its next requests. The stream's bytes are written by [`writer`], whose docs
+//! hold its readiness contract.
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -36,7 +35,10 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{self, ApiError, App, Body, Route};
+use crate::http::{self, ApiError, App, Route};
+
+mod writer;
+use writer::{encode_head, pump, Framing};
 
 /// What every connection shares.
 pub struct Shared {
@@ -52,9 +54,6 @@ pub const PEEK_LIMIT: usize = 4096;
 
 /// Headers parsed before giving the request to hyper (which takes up to 100).
 const MAX_HEADERS: usize = 32;
-
-/// Frames gathered into one `writev` when a subscriber has several waiting.
-const WRITE_BATCH: usize = 8;
 
 /// The connection preface of HTTP/2 with prior knowledge (h2c).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -295,260 +294,9 @@ async fn serve_stream(
     Ok((keep_alive && reusable && !drain.is_cancelled()).then_some(stream))
 }
 
-#[derive(Clone, Copy)]
-enum Framing {
-    None,
-    Length(u64),
-    Chunked,
-}
-
-/// The response head as HTTP/1.1 puts it on the wire.
-fn encode_head(
-    parts: &hyper::http::response::Parts,
-    framing: Framing,
-    keep_alive: bool,
-) -> Vec<u8> {
-    let mut head = Vec::with_capacity(256);
-    head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(parts.status.as_str().as_bytes());
-    head.push(b' ');
-    head.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
-    head.extend_from_slice(b"\r\ndate: ");
-    head.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
-    head.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-            || name == header::CONNECTION
-        {
-            continue;
-        }
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
-    match framing {
-        Framing::None => {}
-        Framing::Length(n) => {
-            head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
-        }
-        Framing::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-    }
-    if !keep_alive {
-        head.extend_from_slice(b"connection: close\r\n");
-    }
-    head.extend_from_slice(b"\r\n");
-    head
-}
-
-/// Writes the response head and then the body's frames as they come, several at a
-/// time when several are waiting (the head goes with whatever is ready at once), while
-/// watching the socket so that a client who leaves is noticed even when no frame is
-/// due. Returns whether the connection may serve another request.
-///
-/// One hand-written poll, for the cost per delivery: frames are gathered until the body
-/// is pending, written at once, and the task then sleeps without polling the body again
-/// (each pending poll of a broadcast receiver takes the channel's lock, shared by every
-/// subscriber of the job).
-async fn pump(
-    stream: &TcpStream,
-    head: Vec<u8>,
-    body: &mut Body,
-    framing: Framing,
-) -> io::Result<bool> {
-    let chunked = matches!(framing, Framing::Chunked);
-    let mut out = Output {
-        prefix: head,
-        frames: Default::default(),
-        count: 0,
-        last: false,
-        written: 0,
-    };
-    let mut ended = matches!(framing, Framing::None);
-    let mut reusable = true;
-    std::future::poll_fn(|cx| {
-        // Whether the body returned pending in this poll, its waker set.
-        let mut body_waiting = false;
-        loop {
-            while !ended && !body_waiting && out.count < WRITE_BATCH {
-                match Pin::new(&mut *body).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let Ok(data) = frame.into_data() {
-                            if !data.is_empty() {
-                                out.frames[out.count] = data;
-                                out.count += 1;
-                            }
-                        }
-                    }
-                    Poll::Ready(Some(Err(never))) => match never {},
-                    Poll::Ready(None) => {
-                        ended = true;
-                        out.last = chunked;
-                    }
-                    Poll::Pending => body_waiting = true,
-                }
-            }
-            if out.is_pending() {
-                match stream.poll_write_ready(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(())) => {}
-                }
-                match out.try_write(stream, chunked) {
-                    Ok(true) => out.clear(),
-                    // Part of it, or none: try again until the socket says it is full.
-                    Ok(false) => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            }
-            if ended {
-                return Poll::Ready(Ok(reusable));
-            }
-            if !body_waiting {
-                // The batch was full: gather more.
-                continue;
-            }
-            match stream.poll_read_ready(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => match read_stray(stream) {
-                    Err(e) => return Poll::Ready(Err(e)),
-                    Ok(Some(false)) => return Poll::Ready(Ok(false)),
-                    // Bytes while streaming: a pipelined request. It is not answered;
-                    // the connection closes after the stream instead.
-                    Ok(Some(true)) => reusable = false,
-                    Ok(None) => {}
-                },
-            }
-        }
-    })
-    .await
-}
-
-/// What is due on the wire: a response head, then frames, then the last chunk.
-struct Output {
-    prefix: Vec<u8>,
-    frames: [Bytes; WRITE_BATCH],
-    count: usize,
-    /// The last chunk of a chunked body is due.
-    last: bool,
-    /// Bytes of all that already written.
-    written: usize,
-}
-
-impl Output {
-    fn is_pending(&self) -> bool {
-        !self.prefix.is_empty() || self.count > 0 || self.last
-    }
-
-    fn clear(&mut self) {
-        self.prefix = Vec::new();
-        self.frames[..self.count].fill(Bytes::new());
-        self.count = 0;
-        self.last = false;
-        self.written = 0;
-    }
-
-    /// One `writev` of what is left: whether all of it is written now.
-    fn try_write(&mut self, stream: &TcpStream, chunked: bool) -> io::Result<bool> {
-        let mut sizes = [[0u8; 18]; WRITE_BATCH];
-        let mut parts: [&[u8]; 3 * WRITE_BATCH + 2] = [&[]; 3 * WRITE_BATCH + 2];
-        parts[0] = &self.prefix;
-        let mut n = 1;
-        for (frame, size) in self.frames[..self.count].iter().zip(sizes.iter_mut()) {
-            if chunked {
-                parts[n] = chunk_size(frame.len(), size);
-                parts[n + 2] = b"\r\n";
-            }
-            parts[n + 1] = frame;
-            n += 3;
-        }
-        if self.last {
-            parts[n] = LAST_CHUNK;
-            n += 1;
-        }
-        let total: usize = parts[..n].iter().map(|p| p.len()).sum();
-        let mut skip = self.written;
-        let mut slices = [IoSlice::new(&[]); 3 * WRITE_BATCH + 2];
-        let mut k = 0;
-        for part in &parts[..n] {
-            if skip >= part.len() {
-                skip -= part.len();
-                continue;
-            }
-            slices[k] = IoSlice::new(&part[skip..]);
-            skip = 0;
-            k += 1;
-        }
-        if k == 0 {
-            return Ok(true);
-        }
-        match stream.try_write_vectored(&slices[..k])? {
-            0 => Err(io::ErrorKind::WriteZero.into()),
-            n => {
-                self.written += n;
-                Ok(self.written == total)
-            }
-        }
-    }
-}
-
-/// Reads what a client sent while its stream is open: `Some(false)` when it closed,
-/// `Some(true)` when it sent bytes, `None` when nothing was there after all.
-fn read_stray(stream: &TcpStream) -> io::Result<Option<bool>> {
-    let mut scratch = [0u8; 512];
-    let mut sent = false;
-    loop {
-        match stream.try_read(&mut scratch) {
-            Ok(0) => return Ok(Some(false)),
-            Ok(_) => sent = true,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Ok(sent.then_some(true));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// The end of a chunked body.
-const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
-
-/// `len` in hex and CRLF: a chunk's size line.
-fn chunk_size(len: usize, out: &mut [u8; 18]) -> &[u8] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 16];
-    let mut n = 0;
-    let mut rest = len;
-    loop {
-        digits[n] = HEX[rest & 0xf];
-        n += 1;
-        rest >>= 4;
-        if rest == 0 {
-            break;
-        }
-    }
-    for (i, d) in digits[..n].iter().rev().enumerate() {
-        out[i] = *d;
-    }
-    out[n] = b'\r';
-    out[n + 1] = b'\n';
-    &out[..n + 2]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chunk_sizes_are_hex() {
-        let mut out = [0u8; 18];
-        assert_eq!(chunk_size(0, &mut out), b"0\r\n");
-        assert_eq!(chunk_size(255, &mut out), b"ff\r\n");
-        assert_eq!(chunk_size(4096, &mut out), b"1000\r\n");
-        assert_eq!(chunk_size(usize::MAX, &mut out), b"ffffffffffffffff\r\n");
-    }
 
     fn kind(bytes: &[u8], full: bool) -> &'static str {
         match classify(bytes, full) {
