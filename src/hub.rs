@@ -144,8 +144,8 @@ pub enum Start {
 
 /// A subscriber's handle on its job.
 pub struct Subscription {
-    pub job: Arc<Job>,
-    pub rx: broadcast::Receiver<Item>,
+    pub(crate) job: Arc<Job>,
+    pub(crate) rx: broadcast::Receiver<Item>,
 }
 
 /// What the ring can give a subscriber resuming after some seq.

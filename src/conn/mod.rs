@@ -42,11 +42,11 @@ use writer::{encode_head, pump, Framing};
 
 /// What every connection shares.
 pub struct Shared {
-    pub app: Arc<App>,
-    pub http1: http1::Builder,
-    pub http2: http2::Builder<TokioExecutor>,
+    pub(crate) app: Arc<App>,
+    pub(crate) http1: http1::Builder,
+    pub(crate) http2: http2::Builder<TokioExecutor>,
     /// How long a client may take to send its first request head.
-    pub header_timeout: Duration,
+    pub(crate) header_timeout: Duration,
 }
 
 /// The most of a request head that is peeked at; longer heads go to hyper.
