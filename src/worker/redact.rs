@@ -318,55 +318,88 @@ impl Literals {
             ranges.extend(
                 printed
                     .find_iter(&view.bytes)
-                    .map(|m| view.origin(m.range(), text)),
+                    .map(|m| whole_chars(text, view.source(m.range()))),
             );
         }
         let shown = view.as_ref().map_or(text.as_bytes(), |v| &v.bytes);
         if memchr::memchr2(b'%', b'\\', shown).is_some() {
-            let decoded_view = View::decoded(shown, view.as_ref());
-            ranges.extend(
-                decoded
-                    .find_iter(&decoded_view.bytes)
-                    .map(|m| decoded_view.origin(m.range(), text)),
-            );
+            let decoded_view = View::decode(shown);
+            ranges.extend(decoded.find_iter(&decoded_view.bytes).map(|m| {
+                let in_shown = decoded_view.source(m.range());
+                let in_text = match &view {
+                    Some(view) => view.source(in_shown),
+                    None => in_shown,
+                };
+                whole_chars(text, in_text)
+            }));
         }
     }
 }
 
-/// A normalised copy of a text, each byte with the range of the original it came from.
-#[derive(Debug)]
+/// A normalised copy of a text, and where each of its bytes came from.
+#[derive(Debug, Default)]
 struct View {
     bytes: Vec<u8>,
-    starts: Vec<usize>,
-    ends: Vec<usize>,
+    /// In view order; bulk copies make few pieces, so plain runs cost a memcpy.
+    pieces: Vec<Piece>,
+}
+
+/// Bytes of a view from `view` on came from the source from `source` on: one for one
+/// when `copied`, else all of them from the `len` source bytes (a decoded escape).
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    view: usize,
+    source: usize,
+    len: usize,
+    copied: bool,
 }
 
 impl View {
     fn with_capacity(n: usize) -> View {
         View {
             bytes: Vec::with_capacity(n),
-            starts: Vec::with_capacity(n),
-            ends: Vec::with_capacity(n),
+            pieces: Vec::new(),
         }
     }
 
-    fn push(&mut self, byte: u8, from: Range<usize>) {
-        self.bytes.push(byte);
-        self.starts.push(from.start);
-        self.ends.push(from.end);
+    fn copy(&mut self, bytes: &[u8], source: usize) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.pieces.push(Piece {
+            view: self.bytes.len(),
+            source,
+            len: bytes.len(),
+            copied: true,
+        });
+        self.bytes.extend_from_slice(bytes);
     }
 
-    /// The range of `text` that a match at `range` of the view came from, widened to
-    /// whole characters.
-    fn origin(&self, range: Range<usize>, text: &str) -> Range<usize> {
-        let mut start = self.starts[range.start];
-        let mut end = self.ends[range.end - 1];
-        while !text.is_char_boundary(start) {
-            start -= 1;
-        }
-        while !text.is_char_boundary(end) {
-            end += 1;
-        }
+    fn decoded(&mut self, bytes: &[u8], source: Range<usize>) {
+        self.pieces.push(Piece {
+            view: self.bytes.len(),
+            source: source.start,
+            len: source.len(),
+            copied: false,
+        });
+        self.bytes.extend_from_slice(bytes);
+    }
+
+    /// The range of the source that the view's `range` (not empty) came from.
+    fn source(&self, range: Range<usize>) -> Range<usize> {
+        let piece = |at: usize| &self.pieces[self.pieces.partition_point(|p| p.view <= at) - 1];
+        let first = piece(range.start);
+        let start = if first.copied {
+            first.source + (range.start - first.view)
+        } else {
+            first.source
+        };
+        let last = piece(range.end - 1);
+        let end = if last.copied {
+            last.source + (range.end - last.view)
+        } else {
+            last.source + last.len
+        };
         start..end
     }
 
@@ -378,69 +411,80 @@ impl View {
             return None;
         }
         let mut view = View::with_capacity(bytes.len());
-        let mut line_start = 0;
-        let mut i = 0;
-        while i < bytes.len() {
-            match bytes[i] {
-                0x1b => match escape_len(&bytes[i..]) {
-                    Some(len) => i += len,
-                    None => {
-                        view.push(0x1b, i..i + 1);
-                        i += 1;
-                    }
-                },
-                b'\n' => {
-                    let joined = is_wrap_line(&bytes[line_start..i])
-                        && bytes.get(i + 1).is_some_and(|&b| is_base64_byte(b));
-                    if !joined {
-                        view.push(b'\n', i..i + 1);
-                    }
-                    i += 1;
-                    line_start = i;
+        // Scanned up to `at`; copied up to `run`.
+        let (mut at, mut run, mut line_start) = (0, 0, 0);
+        while let Some(found) = memchr::memchr2(0x1b, b'\n', &bytes[at..]) {
+            let i = at + found;
+            at = i + 1;
+            if bytes[i] == 0x1b {
+                if let Some(len) = escape_len(&bytes[i..]) {
+                    view.copy(&bytes[run..i], run);
+                    at = i + len;
+                    run = at;
                 }
-                b => {
-                    view.push(b, i..i + 1);
-                    i += 1;
+            } else {
+                let joined = is_wrap_line(&bytes[line_start..i])
+                    && bytes.get(i + 1).is_some_and(|&b| is_base64_byte(b));
+                if joined {
+                    view.copy(&bytes[run..i], run);
+                    run = i + 1;
                 }
+                line_start = i + 1;
             }
         }
+        view.copy(&bytes[run..], run);
         Some(view)
     }
 
     /// View 3: percent and backslash escapes of `shown` decoded, `+` as a space.
-    /// `shown` is view 2 when there is one (its origins are used), else the text.
-    fn decoded(shown: &[u8], printed: Option<&View>) -> View {
-        let origin = |r: Range<usize>| match printed {
-            Some(view) => view.starts[r.start]..view.ends[r.end - 1],
-            None => r,
-        };
+    fn decode(shown: &[u8]) -> View {
         let mut view = View::with_capacity(shown.len());
-        let mut i = 0;
-        while i < shown.len() {
-            let (decoded, len) = match shown[i] {
-                b'%' => match (hex_value(shown.get(i + 1)), hex_value(shown.get(i + 2))) {
-                    (Some(h), Some(l)) => (Decoded::Byte(h << 4 | l), 3),
-                    _ => (Decoded::Byte(b'%'), 1),
-                },
-                b'\\' => backslash_escape(&shown[i..]).unwrap_or((Decoded::Byte(b'\\'), 1)),
-                b'+' => (Decoded::Byte(b' '), 1),
-                b => (Decoded::Byte(b), 1),
+        let (mut at, mut run) = (0, 0);
+        while let Some(found) = memchr::memchr2(b'%', b'\\', &shown[at..]) {
+            let i = at + found;
+            at = i + 1;
+            let escape = if shown[i] == b'%' {
+                match (hex_value(shown.get(i + 1)), hex_value(shown.get(i + 2))) {
+                    (Some(h), Some(l)) => Some((Decoded::Byte(h << 4 | l), 3)),
+                    _ => None,
+                }
+            } else {
+                backslash_escape(&shown[i..])
             };
-            let from = origin(i..i + len);
+            let Some((decoded, len)) = escape else {
+                continue;
+            };
+            view.copy(&shown[run..i], run);
             match decoded {
-                Decoded::Byte(b) => view.push(if b == b'+' { b' ' } else { b }, from),
+                Decoded::Byte(b) => view.decoded(&[b], i..i + len),
                 Decoded::Char(c) => {
-                    let c = if c == '+' { ' ' } else { c };
                     let mut utf8 = [0; 4];
-                    for &b in c.encode_utf8(&mut utf8).as_bytes() {
-                        view.push(b, from.clone());
-                    }
+                    view.decoded(c.encode_utf8(&mut utf8).as_bytes(), i..i + len);
                 }
             }
-            i += len;
+            at = i + len;
+            run = at;
+        }
+        view.copy(&shown[run..], run);
+        for b in &mut view.bytes {
+            if *b == b'+' {
+                *b = b' ';
+            }
         }
         view
     }
+}
+
+/// `range` widened to whole characters of `text`.
+fn whole_chars(text: &str, range: Range<usize>) -> Range<usize> {
+    let (mut start, mut end) = (range.start, range.end);
+    while !text.is_char_boundary(start) {
+        start -= 1;
+    }
+    while !text.is_char_boundary(end) {
+        end += 1;
+    }
+    start..end
 }
 
 enum Decoded {
