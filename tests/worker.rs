@@ -584,16 +584,16 @@ print("b64url " + base64.urlsafe_b64encode(b"ab" + t.encode()).decode().rstrip("
     let b64 = base64::engine::general_purpose::STANDARD;
     let forbidden = [
         secret.to_string(),
-        percent_encoded(secret, "-._~/"),                         // quote
-        percent_encoded(secret, "-._~ ").replace(' ', "+"),       // quote_plus
-        percent_encoded(secret, "-._~").to_lowercase(),           // lower-case hex
-        percent_encoded(secret, ";,/?:@&=+$-_.!~*'()#"),          // encodeURI
-        percent_encoded(secret, "-_.!~*'()"),                     // encodeURIComponent
-        secret.replace('/', "\\/"),                               // JSON with \/
-        "733363723374".to_string(),                               // hex
+        percent_encoded(secret, "-._~/"),                   // quote
+        percent_encoded(secret, "-._~ ").replace(' ', "+"), // quote_plus
+        percent_encoded(secret, "-._~").to_lowercase(),     // lower-case hex
+        percent_encoded(secret, ";,/?:@&=+$-_.!~*'()#"),    // encodeURI
+        percent_encoded(secret, "-_.!~*'()"),               // encodeURIComponent
+        secret.replace('/', "\\/"),                         // JSON with \/
+        "733363723374".to_string(),                         // hex
         "733363723374".to_uppercase(),
         b64.encode(secret).trim_end_matches('=').to_string(),
-        "cr3t".to_string(),                                       // inside colour codes
+        "cr3t".to_string(), // inside colour codes
     ];
     for form in &forbidden {
         assert!(!stored.contains(form.as_str()), "{form} leaked:\n{stored}");
@@ -611,15 +611,19 @@ print("b64url " + base64.urlsafe_b64encode(b"ab" + t.encode()).decode().rstrip("
         "encodeURIComponent ",
     ] {
         assert!(
-            out.iter().any(|l| l.starts_with(prefix) && l.contains(REDACTED)),
+            out.iter()
+                .any(|l| l.starts_with(prefix) && l.contains(REDACTED)),
             "{prefix}: {out:?}"
         );
     }
     assert!(
-        out.iter().any(|l| l.starts_with("json ") && l.contains("\\u00e9")),
+        out.iter()
+            .any(|l| l.starts_with("json ") && l.contains("\\u00e9")),
         "the rest of a JSON line stays: {out:?}"
     );
-    assert!(out.iter().any(|l| l.starts_with("grep: ") && l.ends_with(" here")));
+    assert!(out
+        .iter()
+        .any(|l| l.starts_with("grep: ") && l.ends_with(" here")));
     assert_eq!(out.last().map(String::as_str), Some("done"));
     // No stored line, and no pair of lines joined as a decoder would, decodes to the
     // secret or to a long part of it.
@@ -673,7 +677,10 @@ async fn add_mask_hides_a_value_from_then_on() {
     // What is left of the base64 is its last, partly padded group.
     assert!(out[2].starts_with(REDACTED) && out[2].len() < REDACTED.len() + 4);
     assert_eq!(out[3], format!("encoded {REDACTED}"));
-    assert_eq!(lines(&events, "stderr"), vec![format!("on stderr {REDACTED}")]);
+    assert_eq!(
+        lines(&events, "stderr"),
+        vec![format!("on stderr {REDACTED}")]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -522,9 +522,9 @@ fn backslash_escape(s: &[u8]) -> Option<(Decoded, usize)> {
 }
 
 fn hex4(digits: &[u8]) -> Option<u32> {
-    digits
-        .iter()
-        .try_fold(0, |acc, &d| Some(acc << 4 | u32::from(hex_value(Some(&d))?)))
+    digits.iter().try_fold(0, |acc, &d| {
+        Some(acc << 4 | u32::from(hex_value(Some(&d))?))
+    })
 }
 
 fn hex_value(digit: Option<&u8>) -> Option<u8> {
@@ -544,9 +544,7 @@ fn hex_value(digit: Option<&u8>) -> Option<u8> {
 fn escape_len(s: &[u8]) -> Option<usize> {
     match *s.get(1)? {
         b'[' => {
-            let body = s[2..]
-                .iter()
-                .position(|&b| !(0x20..=0x3f).contains(&b))?;
+            let body = s[2..].iter().position(|&b| !(0x20..=0x3f).contains(&b))?;
             let last = *s.get(2 + body)?;
             (0x40..=0x7e).contains(&last).then_some(body + 3)
         }
@@ -563,7 +561,10 @@ fn escape_len(s: &[u8]) -> Option<usize> {
             None
         }
         _ => {
-            let intermediates = s[1..].iter().take_while(|b| (0x20..=0x2f).contains(*b)).count();
+            let intermediates = s[1..]
+                .iter()
+                .take_while(|b| (0x20..=0x2f).contains(*b))
+                .count();
             let last = *s.get(1 + intermediates)?;
             (0x30..=0x7e).contains(&last).then_some(intermediates + 2)
         }
@@ -755,7 +756,11 @@ mod tests {
         let r = Redactor::new([secret]);
         let serde = serde_json::to_string(secret).unwrap();
         let ascii = r#""pa\"ss\/w\u00f6rd\\x\ud83d\ude00""#;
-        for text in [serde.as_str(), ascii, r#"{"k": "pa\"ss/w\u00F6rd\\x\uD83D\uDE00"}"#] {
+        for text in [
+            serde.as_str(),
+            ascii,
+            r#"{"k": "pa\"ss/w\u00F6rd\\x\uD83D\uDE00"}"#,
+        ] {
             let out = redact(&r, text);
             assert!(out.contains(REDACTED), "{text} -> {out}");
             assert!(!out.contains("ss"), "{text} -> {out}");
@@ -770,7 +775,10 @@ mod tests {
         assert_eq!(redact(&r, text), format!("id {REDACTED} end\n"));
         // An OSC hyperlink and a charset switch, too.
         let text = "\x1b]8;;http://x\x07s3cr3t\x1b]8;;\x07 value\x1b(B/with+chars\n";
-        assert_eq!(redact(&r, text), format!("\x1b]8;;http://x\x07{REDACTED}\n"));
+        assert_eq!(
+            redact(&r, text),
+            format!("\x1b]8;;http://x\x07{REDACTED}\n")
+        );
         // A lone ESC is kept as it is.
         assert_eq!(redact(&r, "a\x1b b\n"), "a\x1b b\n");
     }
@@ -969,7 +977,10 @@ mod throughput {
                 assert_eq!(found, 0);
                 best = best.min(started.elapsed().as_secs_f64());
             }
-            println!("{kind:>7}: {:.0} MiB/s", text.len() as f64 / best / (1 << 20) as f64);
+            println!(
+                "{kind:>7}: {:.0} MiB/s",
+                text.len() as f64 / best / (1 << 20) as f64
+            );
         }
     }
 }
