@@ -5,10 +5,12 @@
 //!
 //! Following the bytes, from the child to the table:
 //!
-//! - `pipe`: one task per pipe reads, decodes, redacts and queues whole lines.
+//! - `pipe`: one task per pipe reads, decodes, redacts and queues whole lines;
+//!   `::add-mask::<value>` lines add secrets at run time.
 //! - `decode`: bytes to lines as a terminal shows them (UTF-8 split across reads,
 //!   invalid bytes, NUL, `\r` progress).
-//! - [`redact`]: secrets and token patterns to `[REDACTED]`.
+//! - [`redact`]: secrets (in every printed form: encoded, escaped, wrapped,
+//!   coloured) and token patterns to `[REDACTED]`.
 //! - `buffer`: the bounded queue between the pipes and the writer; drops the oldest
 //!   output, and counts it, only when the database cannot keep up; stops at
 //!   `--max-log-bytes` and hands over one notice.
