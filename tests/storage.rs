@@ -310,3 +310,28 @@ async fn one_big_statement_costs_in_proportion_to_its_rows() {
         took[0], took[1]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserts_from_functions_with_their_own_settings_stay_gap_free() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let job = create_job(&db).await;
+    // A function with a SET clause undoes every setting it changed when it returns,
+    // the statement's counter cache included; the next statement must not trust it.
+    db.batch_execute(
+        "CREATE FUNCTION log_twice(job uuid) RETURNS void LANGUAGE sql \
+         SET search_path = public AS $$ \
+             INSERT INTO agent_job_events (job_id, message) VALUES (job, 'f1'), (job, 'f2'); \
+             INSERT INTO agent_job_events (job_id, message) VALUES (job, E'f3\\nf3'); \
+         $$",
+    )
+    .await
+    .unwrap();
+    db.batch_execute("BEGIN").await.unwrap();
+    for _ in 0..3 {
+        insert(&db, job, 4, "direct").await;
+        db.execute("SELECT log_twice($1)", &[&job]).await.unwrap();
+    }
+    db.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(assert_numbered(&db, job).await, 3 * (4 + 3));
+}
