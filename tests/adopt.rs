@@ -315,6 +315,41 @@ async fn adopts_the_original_database_while_its_application_writes() {
     );
     assert_numbered(&db, job).await;
 
+    // eventgate's own status writes and appends work on the enum columns too.
+    let other = jobs[1];
+    let pool = eventgate::db::pool(&url, 1).unwrap();
+    let client = pool.get().await.unwrap();
+    assert!(
+        eventgate::store::set_job_status(&**client, other, "cancelled")
+            .await
+            .unwrap()
+    );
+    eventgate::store::append_events(
+        &**client,
+        other,
+        &[eventgate::store::NewEvent {
+            level: "warn".into(),
+            message: "after\nthe end".into(),
+            payload: serde_json::json!({"kind": "log", "stream": "stderr"}),
+        }],
+    )
+    .await
+    .unwrap();
+    let tail = eventgate::store::events_after(&client, other, 0, None, 10_000)
+        .await
+        .unwrap();
+    let n = tail.len();
+    assert_eq!(
+        (tail[n - 2].status(), tail[n - 2].level.as_str()),
+        (Some("cancelled".to_string()), "warn")
+    );
+    assert_eq!(
+        (tail[n - 1].level.as_str(), tail[n - 1].seq),
+        ("warn", n as i64)
+    );
+    assert_numbered(&db, other).await;
+    drop(client);
+
     // The gateway serves the adopted tables: the whole job streamed exactly (it ended:
     // the stream ends too), then resumed from the middle.
     let gateway = Gateway::start(&url).await;
