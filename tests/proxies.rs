@@ -899,15 +899,19 @@ async fn an_idle_stream_outlives_each_proxys_default_timeout() {
     let quiet = join_all(streams.iter_mut().map(|s| s.until(": keep-alive"))).await;
     insert(&db, job, 1, "after the quiet").await;
     let next = join_all(streams.iter_mut().map(|s| s.until("id: 1\n"))).await;
+    let mut cut = Vec::new();
     for ((stream, quiet), next) in streams.iter().zip(quiet).zip(next) {
-        let quiet = quiet.unwrap_or_else(|e| panic!("{e} ({})", default_idle(stream.kind)));
-        next.unwrap_or_else(|e| panic!("{e} after the keep-alive"));
-        println!(
-            "idle: {}: open after {quiet:.1?} of quiet, then the next event ({})",
-            stream.label,
-            default_idle(stream.kind)
-        );
+        match (quiet, next) {
+            (Ok(quiet), Ok(_)) => println!(
+                "idle: {}: open after {quiet:.1?} of quiet, then the next event ({})",
+                stream.label,
+                default_idle(stream.kind)
+            ),
+            (Err(e), _) => cut.push(format!("{e} ({})", default_idle(stream.kind))),
+            (Ok(_), Err(e)) => cut.push(format!("{e} after the keep-alive")),
+        }
     }
+    assert!(cut.is_empty(), "{}", cut.join("\n"));
     drop(streams);
     drop(proxies);
 }
