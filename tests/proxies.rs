@@ -768,7 +768,7 @@ enum Reader {
     Plain(Conn),
     Curl {
         /// Killed when the stream is dropped.
-        _child: tokio::process::Child,
+        _child: Box<tokio::process::Child>,
         lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
     },
 }
@@ -790,7 +790,7 @@ impl Quiet {
                 .unwrap();
             let lines = BufReader::new(child.stdout.take().unwrap()).lines();
             Reader::Curl {
-                _child: child,
+                _child: Box::new(child),
                 lines,
             }
         } else {
