@@ -156,10 +156,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ))
         }
     };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("invalid duration: {text:?}"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("invalid duration: {text:?}"))
 }
 
 /// Parses a listen address.
@@ -192,5 +189,8 @@ mod tests {
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("7y").is_err());
         assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+        // Too large for a Duration: an error, not a panic.
+        assert!(parse_duration("2000000000000000000000000000d").is_err());
     }
 }
