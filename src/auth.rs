@@ -1,10 +1,12 @@
 //! Who may read or write which job: HS256 JWTs signed with `EVENTGATE_JWT_SECRET`.
 //!
 //! Any JWT library can mint the tokens, so a host application needs nothing of ours.
-//! Claims: `exp` (required), `scope` (space-separated `read`, `write`), `jobs` (job ids
-//! or `["*"]`) and `sub` (logged). A token is taken from `Authorization: Bearer`, the
-//! HttpOnly cookie `eventgate_token`, or `?access_token=` (EventSource cannot send
-//! headers), in that order.
+//! Claims: `exp` (required), `nbf` (honoured when present), `scope` (space-separated
+//! `read`, `write`), `jobs` (job ids or `["*"]`), `sub` (logged), and `iss` / `aud`,
+//! checked when the gateway is given `--jwt-issuer` / `--jwt-audience`. A token is taken
+//! from `Authorization: Bearer`, the HttpOnly cookie `eventgate_token`, or
+//! `?access_token=` (EventSource cannot send headers), in that order; an `Authorization`
+//! header of another kind (`Basic`, added by a proxy) is not a token and hides nothing.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,6 +18,12 @@ use uuid::Uuid;
 
 /// Name of the cookie that may carry the token.
 pub const COOKIE: &str = "eventgate_token";
+
+/// The longest lifetime `eventgate token` mints, and the furthest `exp` the gateway
+/// plans for: a stream's end-of-credentials timer is set no later than this from now,
+/// so no `exp` can overflow a clock (a token valid for longer is still valid; its
+/// streams are just asked to reconnect once a decade).
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 366 * 86400);
 
 /// What a request wants to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +51,8 @@ pub struct Claims {
     pub jobs: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 /// Why a request was refused; the label of `eventgate_auth_failures_total`.
@@ -90,19 +100,38 @@ impl Failure {
     }
 }
 
+/// Where a request's token came from. A cookie is sent by the browser on its own, so a
+/// write authenticated by it needs more proof of intent (see the HTTP layer's CSRF check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Auth is off: no token.
+    None,
+    Bearer,
+    Cookie,
+    Query,
+}
+
 /// What a request is allowed, once its token checked out.
 #[derive(Debug, Clone)]
 pub struct Grant {
     /// `None` when auth is off.
     pub claims: Option<Claims>,
+    /// Where the token was found.
+    pub via: Transport,
 }
 
 impl Grant {
-    /// When the token expires, if there is one.
+    /// When the token expires, if there is one; never later than [`MAX_TTL`] from now,
+    /// so a caller can add it to a clock without overflow.
     pub fn expires_at(&self) -> Option<SystemTime> {
-        self.claims
-            .as_ref()
-            .map(|c| UNIX_EPOCH + Duration::from_secs(c.exp))
+        let claims = self.claims.as_ref()?;
+        let now = SystemTime::now();
+        let cap = now + MAX_TTL;
+        Some(
+            UNIX_EPOCH
+                .checked_add(Duration::from_secs(claims.exp))
+                .map_or(cap, |at| at.min(cap)),
+        )
     }
 
     /// Whether the grant covers a job (for list filtering).
@@ -137,27 +166,54 @@ fn covers(claims: &Claims, job: Uuid) -> bool {
 #[derive(Clone)]
 pub struct Auth {
     key: Option<DecodingKey>,
+    /// `iss` a token must carry, when set.
+    issuer: Option<String>,
+    /// An `aud` a token must carry, when set.
+    audience: Option<String>,
 }
 
 impl fmt::Debug for Auth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.key.is_some() {
-            "Auth(hs256, secret hidden)"
-        } else {
-            "Auth(off)"
-        })
+        match self.key {
+            None => f.write_str("Auth(off)"),
+            Some(_) => f
+                .debug_struct("Auth")
+                .field("alg", &"hs256")
+                .field("secret", &"hidden")
+                .field("issuer", &self.issuer)
+                .field("audience", &self.audience)
+                .finish(),
+        }
     }
 }
 
 impl Auth {
     pub fn off() -> Auth {
-        Auth { key: None }
+        Auth {
+            key: None,
+            issuer: None,
+            audience: None,
+        }
     }
 
     pub fn hs256(secret: &[u8]) -> Auth {
         Auth {
             key: Some(DecodingKey::from_secret(secret)),
+            issuer: None,
+            audience: None,
         }
+    }
+
+    /// Tokens must carry this `iss`.
+    pub fn with_issuer(mut self, issuer: Option<String>) -> Auth {
+        self.issuer = issuer.filter(|s| !s.is_empty());
+        self
+    }
+
+    /// Tokens must carry this `aud` (a string, or one of an array).
+    pub fn with_audience(mut self, audience: Option<String>) -> Auth {
+        self.audience = audience.filter(|s| !s.is_empty());
+        self
     }
 
     pub fn is_on(&self) -> bool {
@@ -173,13 +229,29 @@ impl Auth {
         job: Option<Uuid>,
     ) -> Result<Grant, Failure> {
         let Some(key) = &self.key else {
-            return Ok(Grant { claims: None });
+            return Ok(Grant {
+                claims: None,
+                via: Transport::None,
+            });
         };
-        let token = token_of(req).ok_or(Failure::Missing)?;
+        let (token, via) = token_of(req).ok_or(Failure::Missing)?;
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp"]);
+        let mut required = vec!["exp"];
         validation.leeway = 0;
         validation.validate_exp = true;
+        validation.validate_nbf = true;
+        // Without a configured audience, `aud` is not ours to judge: the library would
+        // refuse every token that carries one.
+        validation.validate_aud = self.audience.is_some();
+        if let Some(issuer) = &self.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        if let Some(audience) = &self.audience {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         let claims = jsonwebtoken::decode::<Claims>(&token, key, &validation)
             .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => Failure::Expired,
@@ -205,25 +277,33 @@ impl Auth {
         }
         Ok(Grant {
             claims: Some(claims),
+            via,
         })
     }
 }
 
-/// The token of a request: header, then cookie, then query.
-fn token_of<B>(req: &hyper::Request<B>) -> Option<String> {
-    if let Some(value) = req.headers().get(header::AUTHORIZATION) {
-        let value = value.to_str().ok()?;
-        let (kind, token) = value.split_once(' ')?;
-        return kind
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim().to_string());
+/// The token of a request and where it was: a Bearer header, then the cookie, then the
+/// query. Only a Bearer header is a token: `Basic` credentials (a proxy's, say) are
+/// passed over, not taken for a bad token that would hide a valid cookie.
+fn token_of<B>(req: &hyper::Request<B>) -> Option<(String, Transport)> {
+    let bearer = req
+        .headers()
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .find_map(|value| {
+            let (kind, token) = value.to_str().ok()?.trim().split_once(' ')?;
+            let token = token.trim();
+            (kind.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_string())
+        });
+    if let Some(token) = bearer {
+        return Some((token, Transport::Bearer));
     }
     for value in req.headers().get_all(header::COOKIE) {
         let Ok(value) = value.to_str() else { continue };
         for pair in value.split(';') {
             if let Some((name, token)) = pair.trim().split_once('=') {
                 if name == COOKIE && !token.is_empty() {
-                    return Some(token.to_string());
+                    return Some((token.to_string(), Transport::Cookie));
                 }
             }
         }
@@ -231,7 +311,7 @@ fn token_of<B>(req: &hyper::Request<B>) -> Option<String> {
     req.uri().query().and_then(|q| {
         q.split('&').find_map(|kv| {
             let (k, v) = kv.split_once('=')?;
-            (k == "access_token" && !v.is_empty()).then(|| v.to_string())
+            (k == "access_token" && !v.is_empty()).then(|| (v.to_string(), Transport::Query))
         })
     })
 }
@@ -244,6 +324,12 @@ pub fn mint(
     ttl: Duration,
     sub: Option<String>,
 ) -> Result<String, crate::Error> {
+    if ttl > MAX_TTL {
+        return Err(crate::Error::config(format!(
+            "--ttl may be at most {} days",
+            MAX_TTL.as_secs() / 86400
+        )));
+    }
     let exp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -259,6 +345,7 @@ pub fn mint(
         scope,
         jobs: jobs.to_vec(),
         sub,
+        nbf: None,
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -334,6 +421,7 @@ mod tests {
                 scope: "read".into(),
                 jobs: vec!["*".into()],
                 sub: None,
+                nbf: None,
             },
             &EncodingKey::from_secret(b"s3cret-s3cret"),
         )
@@ -343,5 +431,116 @@ mod tests {
             Failure::Expired
         );
         assert!(!format!("{auth:?}").contains("s3cret"));
+    }
+
+    /// Signs arbitrary claims with the test secret.
+    fn sign(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"s3cret-s3cret"),
+        )
+        .unwrap()
+    }
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn bearer(token: &str) -> hyper::Request<()> {
+        req(Some(&format!("Bearer {token}")), None, "")
+    }
+
+    #[test]
+    fn nbf_iss_and_aud() {
+        let auth = Auth::hs256(b"s3cret-s3cret");
+        let base = serde_json::json!({"exp": now() + 3600, "scope": "read", "jobs": ["*"]});
+        let with = |extra: serde_json::Value| {
+            let mut claims = base.clone();
+            claims
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            sign(claims)
+        };
+        let check = |auth: &Auth, token: &str| auth.check(&bearer(token), Scope::Read, None);
+
+        // Not before: refused until then.
+        let later = with(serde_json::json!({"nbf": now() + 600}));
+        assert_eq!(check(&auth, &later).unwrap_err(), Failure::Invalid);
+        let earlier = with(serde_json::json!({"nbf": now() - 600}));
+        assert!(check(&auth, &earlier).is_ok());
+
+        // An audience the gateway was not told about is not a reason to refuse.
+        let aud = with(serde_json::json!({"aud": "eventgate", "iss": "idp"}));
+        assert!(check(&auth, &aud).is_ok());
+
+        // Told: the claims must be there and match.
+        let strict = Auth::hs256(b"s3cret-s3cret")
+            .with_issuer(Some("idp".into()))
+            .with_audience(Some("eventgate".into()));
+        assert!(check(&strict, &aud).is_ok());
+        let plain = with(serde_json::json!({}));
+        assert_eq!(check(&strict, &plain).unwrap_err(), Failure::Invalid);
+        let other_iss = with(serde_json::json!({"aud": "eventgate", "iss": "evil"}));
+        assert_eq!(check(&strict, &other_iss).unwrap_err(), Failure::Invalid);
+        let other_aud = with(serde_json::json!({"aud": ["x", "y"], "iss": "idp"}));
+        assert_eq!(check(&strict, &other_aud).unwrap_err(), Failure::Invalid);
+        let in_list = with(serde_json::json!({"aud": ["x", "eventgate"], "iss": "idp"}));
+        assert!(check(&strict, &in_list).is_ok());
+        assert!(!format!("{strict:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn basic_credentials_do_not_hide_the_cookie() {
+        let auth = Auth::hs256(b"s3cret-s3cret");
+        let token = sign(serde_json::json!({"exp": now() + 60, "scope": "read", "jobs": ["*"]}));
+        let cookie = format!("{COOKIE}={token}");
+        let grant = auth
+            .check(
+                &req(Some("Basic dXNlcjpwYXNz"), Some(&cookie), ""),
+                Scope::Read,
+                None,
+            )
+            .unwrap();
+        assert_eq!(grant.via, Transport::Cookie);
+        let grant = auth.check(&bearer(&token), Scope::Read, None).unwrap();
+        assert_eq!(grant.via, Transport::Bearer);
+        // Basic alone is no token at all.
+        assert_eq!(
+            auth.check(
+                &req(Some("Basic dXNlcjpwYXNz"), None, ""),
+                Scope::Read,
+                None
+            )
+            .unwrap_err(),
+            Failure::Missing
+        );
+    }
+
+    #[test]
+    fn a_far_exp_cannot_overflow_a_clock() {
+        let auth = Auth::hs256(b"s3cret-s3cret");
+        for exp in [
+            u64::MAX,
+            u64::MAX / 2,
+            200_000_000_000_000 * 86_400 / 86_400,
+        ] {
+            let token = sign(serde_json::json!({"exp": exp, "scope": "read", "jobs": ["*"]}));
+            let Ok(grant) = auth.check(&bearer(&token), Scope::Read, None) else {
+                continue; // refused is fine too; panicking is not
+            };
+            let at = grant.expires_at().unwrap();
+            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+            assert!(left <= MAX_TTL);
+            // What a stream does with it: a tokio deadline.
+            let _ = tokio::time::Instant::now() + left;
+        }
+        let err = mint(b"k", &[Scope::Read], &["*".into()], MAX_TTL * 2, None).unwrap_err();
+        assert!(err.to_string().contains("--ttl"), "{err}");
+        assert!(mint(b"k", &[Scope::Read], &["*".into()], MAX_TTL, None).is_ok());
     }
 }

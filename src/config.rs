@@ -142,8 +142,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return text
             .parse::<f64>()
             .ok()
-            .filter(|secs| secs.is_finite())
-            .map(Duration::from_secs_f64)
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
             .ok_or_else(|| format!("invalid duration: {text:?}"));
     }
     humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
@@ -190,5 +189,8 @@ mod tests {
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("1..2").is_err());
         assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+        // Too large for a Duration: an error, not a panic.
+        assert!(parse_duration("2000000000000000000000000000d").is_err());
     }
 }

@@ -48,7 +48,7 @@ struct TokenArgs {
     /// Jobs the token covers (repeat); `*` for all.
     #[arg(long = "job", required = true)]
     jobs: Vec<String>,
-    /// Lifetime, like 15m, 1h, 7d.
+    /// Lifetime, like 15m, 1h, 7d (at most ten years).
     #[arg(long, default_value = "1h", value_parser = config::parse_duration)]
     ttl: std::time::Duration,
     /// Subject, logged by the gateway.
@@ -125,6 +125,12 @@ struct GatewayArgs {
     /// HS256 secret for tokens; without it auth is off (loopback only).
     #[arg(long, env = "EVENTGATE_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
+    /// `iss` every token must carry (unchecked when unset).
+    #[arg(long, env = "EVENTGATE_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// `aud` every token must carry (unchecked when unset).
+    #[arg(long, env = "EVENTGATE_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
     /// Serve without auth on a non-loopback address.
     #[arg(long, env = "EVENTGATE_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
@@ -152,7 +158,9 @@ impl GatewayArgs {
         config.max_page = self.max_page.clamp(1, 100_000);
         config.max_streams_per_client = self.max_streams_per_client;
         if let Some(secret) = self.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
-            config.auth = eventgate::auth::Auth::hs256(secret.as_bytes());
+            config.auth = eventgate::auth::Auth::hs256(secret.as_bytes())
+                .with_issuer(self.jwt_issuer.clone())
+                .with_audience(self.jwt_audience.clone());
         }
         config.insecure_no_auth = self.insecure_no_auth;
         config.cors_origins = self.cors_origins.clone();
