@@ -17,7 +17,8 @@
 //! - [`sse`]: events encoded once into shared SSE frames.
 //! - [`stream`]: one subscriber: backfill, hand-over to live, lag recovery, end.
 //! - [`status`]: the job list's single stream of status changes.
-//! - [`routes`]: HTTP routing and the JSON API; [`web`]: the embedded dashboard.
+//! - [`routes`]: HTTP routing and the JSON API; [`web`]: the embedded dashboard;
+//!   [`log`]: the raw log route, streamed from the table.
 //! - [`server`]: the accept loop, connection limits, background tasks and graceful shutdown;
 //!   [`conn`]: one connection, event streams written without hyper's buffers.
 //! - [`worker`]: `eventgate run`: a command's output as batched, redacted events.
@@ -36,6 +37,7 @@ mod error;
 pub mod hub;
 pub mod limits;
 pub mod listen;
+pub mod log;
 pub mod metrics;
 pub mod prune;
 pub mod routes;

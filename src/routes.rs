@@ -263,6 +263,11 @@ async fn route<B: RequestBody>(
             authorize(app, &req, Scope::Write, Some(id))?;
             append(app, id, req).await
         }
+        (&Method::GET, ["api", "queue", "jobs", id, "log"]) => {
+            let id = parse_job_id(id)?;
+            let grant = authorize(app, &req, Scope::Read, Some(id))?;
+            crate::log::serve(app, id, &req, peer, &grant).await
+        }
         (&Method::GET, ["api", "queue", "jobs", id, "events", "stream"]) => {
             let id = parse_job_id(id)?;
             let grant = authorize(app, &req, Scope::Read, Some(id))?;
