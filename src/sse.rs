@@ -28,6 +28,8 @@ pub struct Event {
     pub id: Uuid,
     pub job_id: Uuid,
     pub seq: i64,
+    /// The number of the first line of `message` over the job's whole log.
+    pub line: i64,
     pub level: String,
     pub message: String,
     /// The jsonb payload as PostgreSQL printed it, passed through without re-parsing.
@@ -182,6 +184,7 @@ mod tests {
             id: Uuid::nil(),
             job_id: Uuid::nil(),
             seq,
+            line: seq,
             level: "info".into(),
             message: message.into(),
             payload: RawValue::from_string(payload.into()).unwrap(),
@@ -197,7 +200,7 @@ mod tests {
         assert_eq!(
             text,
             "id: 7\nevent: queue_event\ndata: {\"id\":\"00000000-0000-0000-0000-000000000000\",\
-             \"jobId\":\"00000000-0000-0000-0000-000000000000\",\"seq\":7,\"level\":\"info\",\
+             \"jobId\":\"00000000-0000-0000-0000-000000000000\",\"seq\":7,\"line\":7,\"level\":\"info\",\
              \"message\":\"a\\nb\",\"payload\":{\"kind\": \"log\"},\
              \"createdAt\":\"2026-01-01T00:00:00.000000Z\"}\n\n"
         );
