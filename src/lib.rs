@@ -22,6 +22,7 @@
 //! - [`server`]: the accept loop, connection limits, background tasks and graceful shutdown;
 //!   [`conn`]: one connection, event streams written without hyper's buffers.
 //! - [`worker`]: `eventgate run`: a command's output as batched, redacted events.
+//! - [`tail`]: `eventgate tail`, a job's log followed in a terminal over SSE.
 //! - [`demo`]: `eventgate demo`, the whole thing with no set-up; [`prune`]: retention.
 //! - [`cluster`]: throwaway PostgreSQL clusters (demo, tests, benchmarks).
 //! - [`auth`]: HS256 tokens: who may read or write which job; [`limits`]: per-client caps.
@@ -46,6 +47,7 @@ pub mod sse;
 pub mod status;
 pub mod store;
 pub mod stream;
+pub mod tail;
 pub mod web;
 pub mod worker;
 

@@ -667,10 +667,20 @@ async fn events_page<B>(app: &App, id: Uuid, req: &Request<B>) -> Result<Respons
             })?),
         };
     let after_time = q.get("after").map(|s| s.trim()).filter(|s| !s.is_empty());
+    let line = int_param(&q, "line")?;
 
     let client = app.pool.get().await?;
     let Some((status, _)) = store::job_cursor(&client, id).await? else {
         return Err(ApiError::job_not_found());
+    };
+    // `line=N`: the page starts at the event holding line N (or the log's start).
+    let after_seq = match line {
+        Some(line) => Some(
+            store::seq_of_line(&**client, id, line)
+                .await?
+                .map_or(0, |s| s - 1),
+        ),
+        None => after_seq,
     };
     // The original cursor: an event id (exact), else a timestamp.
     let after = match (after_seq, after_event_id, after_time) {

@@ -128,6 +128,30 @@ async fn the_raw_log_is_the_table_byte_for_byte_plain_and_compressed() {
         Some(format!("attachment; filename=\"job-{job}.log\"").as_str())
     );
 
+    // events?line=N starts at the event holding line N (events of two lines included).
+    let lines = expected.split('\n').count() as i64 - 1;
+    for n in [1, 2, 3, 7, 1000, 1001, lines - 1, lines] {
+        let page = log(
+            &gateway,
+            &format!("/api/queue/jobs/{job}/events?line={n}&limit=2"),
+            None,
+        )
+        .await;
+        let first = &page.json()["items"][0];
+        let from = first["line"].as_i64().unwrap();
+        let parts = first["message"].as_str().unwrap().split('\n').count() as i64;
+        assert!(
+            from <= n && n < from + parts,
+            "line {n} is in the event at {first}"
+        );
+        let text: String = expected
+            .split_inclusive('\n')
+            .skip(from as usize - 1)
+            .take(parts as usize)
+            .collect();
+        assert_eq!(format!("{}\n", first["message"].as_str().unwrap()), text);
+    }
+
     // Unknown jobs and malformed ids are JSON errors.
     let missing = log(
         &gateway,
