@@ -28,6 +28,10 @@ const POLL_MS = 2000;
 const PROBE_EVERY = 3;
 /** A seq above any real one: `beforeSeq` of the tail page. */
 const END_SEQ = Number.MAX_SAFE_INTEGER;
+/** Lines before a permalinked one that its page also loads. */
+const CONTEXT_LINES = 50;
+/** Bidirectional controls: shown as their code, never applied (they can make text lie). */
+const BIDI = /[\u202a-\u202e\u2066-\u2069]/g;
 
 const jobId = decodeURIComponent(location.pathname.split('/')[2] || '');
 const api = '/api/queue/jobs/' + encodeURIComponent(jobId);
@@ -44,6 +48,14 @@ let firstSeq = 0;
 let lastSeq = 0;
 /** Whether everything before `firstSeq` is loaded. */
 let olderDone = false;
+/** Whether everything after `lastSeq` that exists is loaded (else: opened at a permalink
+ * and not scrolled to the end yet; the live stream starts once it is). */
+let newerDone = true;
+let loadingNewer = false;
+/** The highlighted lines `[from, to]` (from `#L<a>-L<b>`), or null. */
+let highlight = null;
+/** The line a shift-click extends a range from. */
+let anchorLine = null;
 let loadingOlder = false;
 /** Events received but not yet rendered (rendered together in the next frame). */
 let pending = [];
@@ -71,6 +83,9 @@ function eventKind(ev) {
  * Splits events into lines. `prevStage` is the stage of the event before the first:
  * null when there is none (the log's start), undefined when it is not loaded yet.
  */
+/** The line number after the last event split (the fallback when events lack `line`). */
+let nextLine = 1;
+
 function linesOf(events, prevStage) {
   const result = [];
   for (const ev of events) {
@@ -86,17 +101,22 @@ function linesOf(events, prevStage) {
       at: ev.createdAt,
     };
     let stageStart = kind === 'stage' || kind === 'status';
+    if ((kind === 'notice' || kind === 'truncated') && ev.level === 'warn') showNotice(ev.message);
     if (kind === 'log' && meta.stage !== undefined) {
       stageStart = prevStage !== undefined && meta.stage !== prevStage;
       prevStage = meta.stage;
     }
     const parts = String(ev.message ?? '').split('\n');
+    // The number of the event's first line over the whole log (the gateway's `line`);
+    // a gateway without it: counted here, which is right from the log's start.
+    const first = typeof ev.line === 'number' ? ev.line : nextLine;
+    nextLine = first + parts.length;
     if (parts.length > 1 && parts[parts.length - 1] === '') parts.pop();
     // Colours set on one line of a coalesced message stay on for the next, as in a terminal.
     let carry = '';
     parts.forEach((text, i) => {
       const line = collapseCarriageReturns(text);
-      result.push({ e: meta, t: carry + line, s: stageStart && i === 0 });
+      result.push({ e: meta, t: carry + line, s: stageStart && i === 0, n: first + i });
       if (i < parts.length - 1) carry = sgrCarry(line, carry);
     });
   }
@@ -129,10 +149,19 @@ function rowOf(line) {
   if (m.stream) cls += ' stream-' + m.stream;
   if (m.kind !== 'log') cls += ' kind-' + m.kind;
   if (line.s) cls += ' stage-start';
+  if (highlight && line.n >= highlight[0] && line.n <= highlight[1]) cls += ' hl';
   row.className = cls;
   row.dataset.seq = m.seq;
+  row.dataset.line = line.n;
   row.dataset.ts = formatClock(m.at);
-  for (const [text, state] of parseAnsi(line.t)) appendRun(row, text, state, filter.needle);
+  // The number is drawn by CSS from an empty span, so it is not part of the log's text.
+  const number = document.createElement('span');
+  number.className = 'ln';
+  number.dataset.n = line.n;
+  number.setAttribute('aria-hidden', 'true');
+  row.appendChild(number);
+  const text = line.t.replace(BIDI, (c) => `<U+${c.charCodeAt(0).toString(16).toUpperCase()}>`);
+  for (const [run, state] of parseAnsi(text)) appendRun(row, run, state, filter.needle);
   // textContent of the output reads as lines; the newline itself is not displayed.
   const nl = document.createElement('span');
   nl.className = 'nl';
@@ -201,7 +230,10 @@ function extendUp() {
 
 /** Slides the window down (newer rows). */
 function extendDown() {
-  if (winEnd >= view.length) return;
+  if (winEnd >= view.length) {
+    if (!newerDone) loadNewer();
+    return;
+  }
   const to = Math.min(view.length, winEnd + CHUNK);
   out.appendChild(rowsFor(winEnd, to));
   winEnd = to;
@@ -382,6 +414,81 @@ async function loadOlder() {
   if (vp.scrollTop < EDGE_PX) extendUp();
 }
 
+/** Opened at a permalink: the next page after what is loaded; at the end, go live. */
+async function loadNewer() {
+  if (loadingNewer || newerDone) return;
+  loadingNewer = true;
+  try {
+    const page = await getJson(`${api}/events?afterSeq=${lastSeq}&limit=${PAGE}`);
+    for (const ev of page.items) receive(ev);
+    if (page.items.length < PAGE) {
+      newerDone = true;
+      if (!ended) connectSse();
+    }
+  } catch {
+    toast('Could not load newer lines; scroll down to retry');
+  } finally {
+    loadingNewer = false;
+  }
+}
+
+/** `#L<a>` or `#L<a>-L<b>` as `[a, b]`, else null. */
+function parseHash(hash) {
+  const m = /^#L(\d+)(?:-L?(\d+))?$/.exec(hash);
+  if (!m) return null;
+  const a = Number(m[1]);
+  const b = m[2] ? Number(m[2]) : a;
+  return [Math.min(a, b), Math.max(a, b)];
+}
+
+/** Marks the highlighted rows in the DOM. */
+function markHighlight() {
+  for (const row of out.children) {
+    const n = Number(row.dataset.line);
+    row.classList.toggle('hl', !!highlight && n >= highlight[0] && n <= highlight[1]);
+  }
+}
+
+/** Shows the window of the view around line `n` and scrolls it to the middle. */
+function showLine(n) {
+  let i = view.findIndex((line) => line.n >= n);
+  if (i < 0) i = view.length - 1;
+  winStart = Math.max(0, i - CHUNK);
+  winEnd = Math.min(view.length, i + CHUNK);
+  out.replaceChildren(rowsFor(winStart, winEnd));
+  $('empty').hidden = view.length > 0;
+  updateOlder();
+  const row = out.querySelector(`[data-line="${view[i] ? view[i].n : n}"]`);
+  if (row) row.scrollIntoView({ block: 'center' });
+  lastTop = vp.scrollTop;
+}
+
+function showNotice(text) {
+  const el = $('notice');
+  el.textContent = text;
+  el.hidden = false;
+}
+
+// Clicking a line number sets the address (shift-click: a range from the last one).
+out.addEventListener('click', (e) => {
+  const number = e.target.closest && e.target.closest('.ln');
+  if (!number) return;
+  const n = Number(number.dataset.n);
+  if (e.shiftKey && anchorLine !== null) {
+    highlight = [Math.min(anchorLine, n), Math.max(anchorLine, n)];
+  } else {
+    highlight = [n, n];
+    anchorLine = n;
+  }
+  const hash = highlight[0] === highlight[1] ? `#L${highlight[0]}` : `#L${highlight[0]}-L${highlight[1]}`;
+  history.replaceState(null, '', hash);
+  markHighlight();
+});
+// An address typed by hand: open it afresh.
+window.addEventListener('hashchange', () => {
+  if (parseHash(location.hash)) location.reload();
+});
+
 // ---- connection: SSE, falling back to polling, back to SSE ------------------------
 
 let es = null;
@@ -425,6 +532,12 @@ function connectSse() {
     } catch {
       // a malformed frame is skipped; the seq check catches any gap on resume
     }
+  });
+  // History went back (a failover lost events we showed): what is shown is wrong now.
+  source.addEventListener('reset', () => {
+    if (es !== source) return;
+    closeSse();
+    location.reload();
   });
   source.addEventListener('end', (e) => {
     if (es !== source) return;
@@ -636,35 +749,15 @@ async function copyVisible() {
   toast(ok ? `Copied ${view.length} line${view.length === 1 ? '' : 's'}` : 'Copy failed: select the text and copy it by hand');
 }
 
-async function downloadAll() {
-  const button = $('download');
-  button.disabled = true;
-  toast('Preparing the full log…');
-  try {
-    const parts = [];
-    let after = 0;
-    // Bounded: each page moves the cursor forward, at most this many pages.
-    for (let pages = 0; pages < 1_000_000; pages++) {
-      const page = await getJson(`${api}/events?afterSeq=${after}&limit=${PAGE}`);
-      for (const line of linesOf(page.items, null)) parts.push(stripAnsi(line.t));
-      if (page.items.length < PAGE) break;
-      after = page.items[page.items.length - 1].seq;
-    }
-    const blob = new Blob([parts.join('\n') + '\n'], { type: 'text/plain;charset=utf-8' });
-    const url = URL.createObjectURL(blob);
-    const a = document.createElement('a');
-    a.href = url;
-    a.download = `job-${jobId}.log`;
-    document.body.appendChild(a);
-    a.click();
-    a.remove();
-    setTimeout(() => URL.revokeObjectURL(url), 60_000);
-    toast(`Downloaded ${parts.length} line${parts.length === 1 ? '' : 's'}`);
-  } catch (e) {
-    toast('Download failed: ' + e.message);
-  } finally {
-    button.disabled = false;
-  }
+/** The raw log route streams the whole log from the gateway, whatever its size. */
+function downloadAll() {
+  const a = document.createElement('a');
+  a.href = `${api}/log?download=1&ansi=strip`;
+  a.download = `job-${jobId}.log`;
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+  toast('Downloading the full log');
 }
 
 for (const button of document.querySelectorAll('[data-filter]')) {
@@ -757,14 +850,25 @@ async function start() {
       await new Promise((r) => setTimeout(r, Math.min(10_000, 500 * 2 ** attempt)));
     }
   }
+  highlight = parseHash(location.hash);
   let tail;
   try {
-    tail = await getJson(`${api}/events?beforeSeq=${END_SEQ}&limit=${PAGE}`);
+    if (highlight) {
+      // The page around the permalinked line, not what comes before it.
+      const from = Math.max(1, highlight[0] - CONTEXT_LINES);
+      tail = await getJson(`${api}/events?line=${from}&limit=${PAGE}`);
+      newerDone = tail.items.length < PAGE;
+      anchorLine = highlight[0];
+    } else {
+      tail = await getJson(`${api}/events?beforeSeq=${END_SEQ}&limit=${PAGE}`);
+    }
   } catch {
     tail = { items: [], jobStatus: job.status, failed: true };
+    newerDone = true;
   }
   const items = tail.items;
-  olderDone = !tail.failed && (!items.length || items[0].seq <= 1 || items.length < PAGE);
+  olderDone = !tail.failed && (!items.length || items[0].seq <= 1 || (!highlight && items.length < PAGE));
+  if (items.length && typeof items[0].line !== 'number' && !olderDone) nextLine = items[0].seq;
   prevStage = olderDone ? null : undefined;
   if (items.length) {
     firstSeq = items[0].seq;
@@ -774,13 +878,19 @@ async function start() {
   }
   if (tail.failed) firstSeq = lastSeq = 0; // SSE starts from the beginning instead
   view = lines.filter(matches);
-  resetWindowToEnd();
+  if (highlight) {
+    follow = false;
+    showLine(highlight[0]);
+  } else {
+    resetWindowToEnd();
+  }
   vp.setAttribute('aria-busy', 'false');
   updateFollow();
   setStatus(tail.jobStatus || job.status);
   $('t-events').textContent = String(Math.max(job.lastSeq || 0, lastSeq));
-  fill();
+  if (!highlight) fill();
   const last = items[items.length - 1];
+  if (!newerDone) return; // the stream starts when the view reaches the end
   if (TERMINAL.has(tail.jobStatus) && last && eventKind(last) === 'status' && TERMINAL.has(last.payload.status)) {
     // Finished, and the tail reaches its final status event: nothing more will come.
     ended = true;
