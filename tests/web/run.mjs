@@ -326,6 +326,79 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     await page.close();
   });
 
+  test('groups of both syntaxes fold, nested; a failed step opens itself; first error jumps there', async () => {
+    const id = jobs.create('sections');
+    const filler = Array.from({ length: 300 }, (_, i) => `filler ${i + 1}`);
+    jobs.append(id, [
+      'before groups',
+      '::group::Install deps',
+      'installing a',
+      '::group::Nested step',
+      'nested line',
+      '::endgroup::',
+      'installed',
+      '::endgroup::',
+      '\x1b[0Ksection_start:1700000000:build[collapsed=true]\r\x1b[0KBuild the thing',
+      'compiling',
+      'section_end:1700000012:build',
+      '::group::Run tests',
+      'test ok',
+      { message: 'test failed: boom', level: 'error', stream: 'stderr' },
+      '::endgroup::',
+      ...filler,
+      'after groups',
+    ]);
+    jobs.setStatus(id, 'failed');
+    const page = await openJob(id);
+    await waitForState(page, 'ended');
+    await waitForLine(page, 'after groups');
+    const sections = page.locator(`${OUTPUT} [data-testid="section"]`);
+    const header = (title) => sections.filter({ hasText: title });
+    const text = await page.locator(OUTPUT).textContent();
+    assert.ok(!/::group::|::endgroup::|section_start|section_end/.test(text), 'markers are headers, not text');
+    let lines = await outputLines(page);
+    assert.ok(!lines.includes('installing a') && !lines.includes('compiling'), 'folded by default');
+    assert.equal(await header('Install deps').getAttribute('aria-expanded'), 'false');
+    assert.equal(await header('Build the thing').getAttribute('aria-expanded'), 'false');
+    assert.match(await header('Install deps').textContent(), /\(3 lines[,)]/);
+    assert.match(await header('Build the thing').textContent(), /\(1 line, 12\.0 s\)/);
+    // The failed step's section opened by itself.
+    assert.equal(await header('Run tests').getAttribute('aria-expanded'), 'true');
+    assert.ok(lines.includes('test failed: boom'));
+
+    // Nested: opening the outer group shows the inner one, still folded.
+    await header('Install deps').click();
+    await waitForLine(page, 'installing a');
+    assert.equal(await header('Install deps').getAttribute('aria-expanded'), 'true');
+    assert.equal(await header('Nested step').getAttribute('aria-expanded'), 'false');
+    assert.ok(!(await outputLines(page)).includes('nested line'));
+    await header('Nested step').click();
+    await waitForLine(page, 'nested line');
+    lines = await outputLines(page);
+    const nested = lines.findIndex((l) => l.startsWith('▾ Nested step (1 line'));
+    assert.ok(lines.indexOf('installing a') < nested && nested < lines.indexOf('nested line')
+      && lines.indexOf('nested line') < lines.indexOf('installed'), `nested in order: ${lines.join(' | ')}`);
+    await header('Build the thing').click();
+    await waitForLine(page, 'compiling');
+    await header('Install deps').click();
+    await waitUntil(async () => !(await outputLines(page)).includes('nested line'), 'the outer group to fold');
+    assert.ok(!(await outputLines(page)).includes('installing a'));
+
+    // "First error" scrolls to the error and gives it an address.
+    await page.getByTestId('output-viewport').evaluate((el) => { el.scrollTop = el.scrollHeight; });
+    await settle(page);
+    await page.getByTestId('first-error').click();
+    const error = page.locator(`${OUTPUT} .row.level-error`, { hasText: 'test failed: boom' });
+    await settle(page);
+    const n = await error.getAttribute('data-line');
+    assert.equal(new URL(page.url()).hash, `#L${n}`);
+    assert.equal(n, '14', 'the line number of the error over the whole log');
+    const box = await error.boundingBox();
+    const vpBox = await page.getByTestId('output-viewport').boundingBox();
+    assert.ok(box.y >= vpBox.y && box.y + box.height <= vpBox.y + vpBox.height, 'the error is in view');
+    await page.close();
+  });
+
   test('bidi controls are shown, not applied; a worker notice is a banner', async () => {
     const id = jobs.create('bidi');
     jobs.append(id, [

@@ -116,11 +116,171 @@ function linesOf(events, prevStage) {
     let carry = '';
     parts.forEach((text, i) => {
       const line = collapseCarriageReturns(text);
+      const mk = markerOf(text);
+      if (mk) {
+        result.push({ e: meta, t: mk.title || '', s: false, n: first + i, mk });
+        return;
+      }
       result.push({ e: meta, t: carry + line, s: stageStart && i === 0, n: first + i });
       if (i < parts.length - 1) carry = sgrCarry(line, carry);
     });
   }
   return result;
+}
+
+// ---- sections ---------------------------------------------------------------------
+//
+// `::group::<title>` / `::endgroup::` (GitHub Actions) and
+// `section_start:<unix>:<name>[collapsed=true]` / `section_end:<unix>:<name>` (GitLab)
+// lines become headers that fold what they hold. Each line knows its innermost section
+// (`p`); a header line holds its section (`h`); end markers (`x`) are never shown. A
+// folded section's lines are left out of the view, so folding costs no DOM.
+
+const GROUP = /^::group::(.*)$/;
+const ENDGROUP = /^::endgroup::\s*$/;
+const SECTION_START = /section_start:(\d+):([^\s\[\r]+)(\[[^\]]*\])?\r?(.*)$/;
+const SECTION_END = /section_end:(\d+):([^\s\[\r]+)/;
+
+/** The section marker a raw line is, or null. */
+function markerOf(raw) {
+  if (raw.indexOf('::') < 0 && raw.indexOf('section_') < 0) return null;
+  const text = stripAnsi(raw);
+  let m = GROUP.exec(text);
+  if (m) return { start: true, title: m[1].trim() || 'group', name: null, ts: null, collapsed: true };
+  if (ENDGROUP.test(text)) return { start: false, name: null, ts: null };
+  m = SECTION_START.exec(text);
+  if (m) {
+    const title = collapseCarriageReturns(m[4] || '').trim() || m[2];
+    return { start: true, title, name: m[2], ts: Number(m[1]) * 1000, collapsed: /collapsed=true/.test(m[3] || '') };
+  }
+  m = SECTION_END.exec(text);
+  if (m) return { start: false, name: m[2], ts: Number(m[1]) * 1000 };
+  return null;
+}
+
+/** Open sections at the end of `lines` (where live lines go on). */
+let sectionStack = [];
+/** Fold state the user chose, by the header's line number. */
+const openState = new Map();
+/** Sections whose header shows a changed count or duration. */
+const touched = new Set();
+
+/** Assigns sections to `list` (lines in order), going on from `stack`. */
+function assignSections(list) {
+  for (const line of list) {
+    const parent = sectionStack[sectionStack.length - 1] || null;
+    const mk = line.mk;
+    if (mk && mk.start) {
+      const at = mk.ts ?? Date.parse(line.e.at);
+      const sec = { title: mk.title, n: line.n, name: mk.name, parent, depth: sectionStack.length, count: 0, t0: at, t1: null, err: false, collapsed: mk.collapsed };
+      line.h = sec;
+      line.p = parent;
+      sectionStack.push(sec);
+      continue;
+    }
+    if (mk) {
+      line.x = true;
+      // GitHub's end closes the innermost group; GitLab's closes its named section.
+      let i = sectionStack.length - 1;
+      if (mk.name !== null) while (i >= 0 && sectionStack[i].name !== mk.name) i--;
+      if (i >= 0) {
+        const at = mk.ts ?? Date.parse(line.e.at);
+        for (let j = sectionStack.length - 1; j >= i; j--) {
+          sectionStack[j].t1 = at;
+          touched.add(sectionStack[j]);
+        }
+        sectionStack.length = i;
+      }
+      continue;
+    }
+    line.p = parent;
+    for (let sec = parent; sec; sec = sec.parent) {
+      sec.count++;
+      touched.add(sec);
+      if (line.e.level === 'error') sec.err = true;
+    }
+  }
+}
+
+/** Rebuilds every section from the loaded lines (after older lines came in front). */
+function rebuildSections() {
+  sectionStack = [];
+  for (const line of lines) {
+    line.h = line.p = undefined;
+    line.x = false;
+  }
+  assignSections(lines);
+  touched.clear();
+}
+
+/** A section opens by itself when it holds an error; otherwise as its marker says. */
+function isOpen(sec) {
+  if (openState.has(sec.n)) return openState.get(sec.n);
+  return sec.err || !sec.collapsed;
+}
+
+function sectionMeta(sec) {
+  let text = `${sec.count} line${sec.count === 1 ? '' : 's'}`;
+  if (sec.t1 !== null && Number.isFinite(sec.t1 - sec.t0)) text += `, ${formatDuration(Math.max(0, sec.t1 - sec.t0))}`;
+  return `(${text})`;
+}
+
+function headerOf(line, row) {
+  const sec = line.h;
+  row.classList.add('section');
+  row.dataset.testid = 'section';
+  row.setAttribute('role', 'button');
+  row.tabIndex = 0;
+  row.setAttribute('aria-expanded', String(isOpen(sec)));
+  row.style.paddingLeft = `calc(12px + ${sec.depth * 1.5}em)`;
+  const caret = document.createElement('span');
+  caret.className = 'caret';
+  caret.textContent = isOpen(sec) ? '▾ ' : '▸ ';
+  row.appendChild(caret);
+  for (const [run, state] of parseAnsi(line.t)) appendRun(row, run, state, filter.needle);
+  const meta = document.createElement('span');
+  meta.className = 'sec-meta';
+  meta.textContent = ' ' + sectionMeta(sec);
+  row.appendChild(meta);
+}
+
+/** Opens or closes a section, keeping its header where it is. */
+function toggleSection(n, open) {
+  openState.set(n, open);
+  view = lines.filter(matches);
+  follow = false;
+  updateFollow();
+  showLine(n, false);
+}
+
+/** Refreshes the headers in the DOM whose numbers changed; reopens what an error opened. */
+function refreshSections() {
+  let reopened = false;
+  for (const sec of touched) {
+    const row = out.querySelector(`[data-testid="section"][data-line="${sec.n}"]`);
+    if (row) {
+      row.querySelector('.sec-meta').textContent = ' ' + sectionMeta(sec);
+      if (row.getAttribute('aria-expanded') !== String(isOpen(sec))) reopened = true;
+    }
+  }
+  touched.clear();
+  return reopened;
+}
+
+function jumpToFirstError() {
+  const line = lines.find((l) => l.e.level === 'error' && !l.x);
+  if (!line) {
+    toast('No error in the loaded lines');
+    return;
+  }
+  for (let sec = line.p; sec; sec = sec.parent) openState.set(sec.n, true);
+  highlight = [line.n, line.n];
+  anchorLine = line.n;
+  history.replaceState(null, '', `#L${line.n}`);
+  view = lines.filter(matches);
+  follow = false;
+  updateFollow();
+  showLine(line.n);
 }
 
 /** Plain lowercase text of a line, computed once when first searched. */
@@ -131,6 +291,8 @@ function lower(line) {
 
 function matches(line) {
   const m = line.e;
+  if (line.x) return false;
+  for (let sec = line.p; sec; sec = sec.parent) if (!isOpen(sec)) return false;
   if (filter.kind === 'stages' && !line.s) return false;
   if (filter.kind === 'logs' && m.kind !== 'log') return false;
   if (filter.kind === 'problems' && m.level !== 'warn' && m.level !== 'error') return false;
@@ -149,6 +311,7 @@ function rowOf(line) {
   if (m.stream) cls += ' stream-' + m.stream;
   if (m.kind !== 'log') cls += ' kind-' + m.kind;
   if (line.s) cls += ' stage-start';
+  if (line.p) cls += ' in-section';
   if (highlight && line.n >= highlight[0] && line.n <= highlight[1]) cls += ' hl';
   row.className = cls;
   row.dataset.seq = m.seq;
@@ -160,8 +323,12 @@ function rowOf(line) {
   number.dataset.n = line.n;
   number.setAttribute('aria-hidden', 'true');
   row.appendChild(number);
-  const text = line.t.replace(BIDI, (c) => `<U+${c.charCodeAt(0).toString(16).toUpperCase()}>`);
-  for (const [run, state] of parseAnsi(text)) appendRun(row, run, state, filter.needle);
+  if (line.h) {
+    headerOf(line, row);
+  } else {
+    const text = line.t.replace(BIDI, (c) => `<U+${c.charCodeAt(0).toString(16).toUpperCase()}>`);
+    for (const [run, state] of parseAnsi(text)) appendRun(row, run, state, filter.needle);
+  }
   // textContent of the output reads as lines; the newline itself is not displayed.
   const nl = document.createElement('span');
   nl.className = 'nl';
@@ -243,6 +410,14 @@ function extendDown() {
 /** Adds new lines (live) to the model, the view and, if in the window, the DOM. */
 function appendLines(newLines) {
   for (const line of newLines) lines.push(line);
+  assignSections(newLines);
+  if (refreshSections()) {
+    // An error opened a folded section: show what it holds.
+    view = lines.filter(matches);
+    if (follow) resetWindowToEnd();
+    else showLine(Number(out.firstChild?.dataset.line || 1), false);
+    return;
+  }
   const oldLength = view.length;
   for (const line of newLines) if (matches(line)) view.push(line);
   const added = view.length - oldLength;
@@ -277,6 +452,17 @@ function prependLines(older) {
     first.s = first.e.stage !== lastOlder.e.stage;
   }
   lines = older.concat(lines);
+  if (older.some((l) => l.mk) || lines.some((l) => l.mk)) {
+    // Sections may start in the older lines: rebuild them and the view, keeping the window.
+    const firstShown = view[winStart];
+    rebuildSections();
+    view = lines.filter(matches);
+    const at = firstShown ? view.indexOf(firstShown) : -1;
+    const shift = at >= 0 ? at - winStart : 0;
+    winStart += shift;
+    winEnd += shift;
+    return;
+  }
   const olderView = older.filter(matches);
   view = olderView.concat(view);
   winStart += olderView.length;
@@ -450,7 +636,7 @@ function markHighlight() {
 }
 
 /** Shows the window of the view around line `n` and scrolls it to the middle. */
-function showLine(n) {
+function showLine(n, center = true) {
   let i = view.findIndex((line) => line.n >= n);
   if (i < 0) i = view.length - 1;
   winStart = Math.max(0, i - CHUNK);
@@ -459,7 +645,7 @@ function showLine(n) {
   $('empty').hidden = view.length > 0;
   updateOlder();
   const row = out.querySelector(`[data-line="${view[i] ? view[i].n : n}"]`);
-  if (row) row.scrollIntoView({ block: 'center' });
+  if (row) row.scrollIntoView({ block: center ? 'center' : 'start' });
   lastTop = vp.scrollTop;
 }
 
@@ -472,6 +658,11 @@ function showNotice(text) {
 // Clicking a line number sets the address (shift-click: a range from the last one).
 out.addEventListener('click', (e) => {
   const number = e.target.closest && e.target.closest('.ln');
+  const header = e.target.closest && e.target.closest('[data-testid="section"]');
+  if (!number && header) {
+    toggleSection(Number(header.dataset.line), header.getAttribute('aria-expanded') !== 'true');
+    return;
+  }
   if (!number) return;
   const n = Number(number.dataset.n);
   if (e.shiftKey && anchorLine !== null) {
@@ -483,6 +674,13 @@ out.addEventListener('click', (e) => {
   const hash = highlight[0] === highlight[1] ? `#L${highlight[0]}` : `#L${highlight[0]}-L${highlight[1]}`;
   history.replaceState(null, '', hash);
   markHighlight();
+});
+out.addEventListener('keydown', (e) => {
+  const header = e.target.closest && e.target.closest('[data-testid="section"]');
+  if (header && (e.key === 'Enter' || e.key === ' ')) {
+    e.preventDefault();
+    toggleSection(Number(header.dataset.line), header.getAttribute('aria-expanded') !== 'true');
+  }
 });
 // An address typed by hand: open it afresh.
 window.addEventListener('hashchange', () => {
@@ -810,6 +1008,7 @@ $('follow').addEventListener('click', () => {
 $('jump').addEventListener('click', jumpToLatest);
 $('copy').addEventListener('click', copyVisible);
 $('download').addEventListener('click', downloadAll);
+$('first-error').addEventListener('click', jumpToFirstError);
 vp.addEventListener('keydown', (e) => {
   if (e.key === 'End') {
     e.preventDefault();
@@ -877,6 +1076,7 @@ async function start() {
     for (const ev of items) if (ev.payload && typeof ev.payload.stage === 'string') prevStage = ev.payload.stage;
   }
   if (tail.failed) firstSeq = lastSeq = 0; // SSE starts from the beginning instead
+  rebuildSections();
   view = lines.filter(matches);
   if (highlight) {
     follow = false;
