@@ -616,13 +616,24 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     await page.close();
   });
 
-  test('screenshots of the job page, light and dark', async () => {
+  test('screenshots of the job page, light and dark: folded sections, a permalinked line', async () => {
     const id = jobs.create('demo build #7', 'queued');
     jobs.setStatus(id, 'running');
     const stages = ['checkout', 'build', 'test'];
     let n = 0;
     for (const stage of stages) {
       const batch = [{ message: `\x1b[1;34m==> ${stage}\x1b[0m`, stage }];
+      // Folded sections of both syntaxes, one nested.
+      if (stage === 'checkout') {
+        batch.push({ message: '::group::Fetch submodules', stage }, { message: 'fetching vendor/a', stage },
+          { message: '::group::vendor/b', stage }, { message: 'fetching vendor/b', stage }, { message: '::endgroup::', stage },
+          { message: '::endgroup::', stage });
+      }
+      if (stage === 'build') {
+        batch.push({ message: '\x1b[0Ksection_start:1700000000:deps[collapsed=true]\r\x1b[0KResolve dependencies', stage },
+          ...Array.from({ length: 40 }, (_, k) => ({ message: `resolved crate_${k} v1.${k}.0`, stage })),
+          { message: 'section_end:1700000007:deps', stage });
+      }
       for (let i = 0; i < 8; i++) {
         n++;
         if (stage === 'build' && i === 3) {
@@ -642,8 +653,10 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     for (const scheme of ['light', 'dark']) {
       const page = await browser.context.newPage();
       await page.emulateMedia({ colorScheme: scheme });
-      await page.goto(`${gw.base}/jobs/${id}`);
+      // A permalinked line, highlighted.
+      await page.goto(`${gw.base}/jobs/${id}#L61`);
       await waitForState(page, 'ended');
+      await page.locator(`${OUTPUT} .hl`).waitFor();
       await page.getByTestId('toggle-timestamps').check();
       await settle(page);
       await page.screenshot({ path: path.join(SCREENSHOTS, `job-${scheme}.png`) });
