@@ -324,6 +324,26 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     assert.equal(await ranged.locator(`${OUTPUT} .hl`).count(), 3);
     await ranged.close();
     await page.close();
+
+    // Scrolling a long way up keeps a bounded window of the log in memory.
+    const far = await browser.context.newPage();
+    const middle = Math.floor(total / 2);
+    await far.goto(`${gw.base}/jobs/${id}#L${middle}`);
+    await far.locator(`${OUTPUT} [data-line="${middle}"]`).waitFor({ timeout: 60_000 });
+    const firstShown = () => far.locator(`${OUTPUT} .row`).first().getAttribute('data-line').then(Number);
+    const loaded = () => far.getByTestId('output-viewport').getAttribute('data-loaded-lines').then(Number);
+    const goal = middle - 70_000;
+    for (let i = 0; i < 400 && (await firstShown()) > goal; i++) {
+      await far.getByTestId('output-viewport').evaluate((el) => { el.scrollTop = 0; });
+      await settle(far);
+      await sleep(20);
+    }
+    assert.ok((await firstShown()) <= goal, `scrolled up to line ${await firstShown()}`);
+    const held = await loaded();
+    assert.ok(held <= 50_000, `at most 50,000 lines held after scrolling 70,000 up (${held})`);
+    const farHeap = await far.evaluate(() => performance.memory && performance.memory.usedJSHeapSize);
+    console.log(`# scrolled from #L${middle} up to line ${await firstShown()}: ${held} lines held, JS heap ${(farHeap / 1048576).toFixed(1)} MiB`);
+    await far.close();
   });
 
   test('groups of both syntaxes fold, nested; a failed step opens itself; first error jumps there', async () => {

@@ -28,6 +28,9 @@ const POLL_MS = 2000;
 const PROBE_EVERY = 3;
 /** A seq above any real one: `beforeSeq` of the tail page. */
 const END_SEQ = Number.MAX_SAFE_INTEGER;
+/** Most lines kept in memory: past it, lines far from the window are dropped (and
+ * fetched again by range if scrolled back to). */
+const MAX_LINES = 50_000;
 /** Lines before a permalinked one that its page also loads. */
 const CONTEXT_LINES = 50;
 /** Bidirectional controls: shown as their code, never applied (they can make text lie). */
@@ -410,6 +413,7 @@ function extendDown() {
 /** Adds new lines (live) to the model, the view and, if in the window, the DOM. */
 function appendLines(newLines) {
   for (const line of newLines) lines.push(line);
+  loadedChanged();
   assignSections(newLines);
   if (refreshSections()) {
     // An error opened a folded section: show what it holds.
@@ -432,12 +436,14 @@ function appendLines(newLines) {
     winEnd = view.length;
     trimTop();
     scrollToBottom();
+    trimOlder();
   } else {
     if (winEnd === oldLength && winEnd - winStart < MAX_ROWS) {
       const to = Math.min(view.length, winStart + MAX_ROWS);
       out.appendChild(rowsFor(winEnd, to));
       winEnd = to;
     }
+    trimOlder();
     updateJump();
   }
 }
@@ -507,6 +513,11 @@ function updateFollow() {
 }
 
 function jumpToLatest() {
+  if (!newerDone) {
+    // The end is not loaded (a permalink, or trimmed): open the page at its tail.
+    location.href = location.pathname;
+    return;
+  }
   userPaused = false;
   follow = true;
   if (winEnd === view.length) scrollToBottom();
@@ -589,6 +600,8 @@ async function loadOlder() {
     if (events.length) {
       firstSeq = events[0].seq;
       prependLines(linesOf(events, olderDone ? null : undefined));
+      trimNewer();
+      loadedChanged();
     }
   } catch {
     $('older').textContent = 'Could not load older lines; scroll up to retry';
@@ -598,6 +611,72 @@ async function loadOlder() {
   loadingOlder = false;
   updateOlder();
   if (vp.scrollTop < EDGE_PX) extendUp();
+}
+
+/** Index in `lines` of the first line of the event after the one holding line `i`. */
+function eventEnd(i) {
+  let j = i + 1;
+  while (j < lines.length && lines[j].e === lines[i].e) j++;
+  return j;
+}
+
+/** Drops old lines above the window once more than MAX_LINES are loaded. */
+function trimOlder() {
+  if (lines.length <= MAX_LINES) return;
+  const shown = view[winStart];
+  let cut = eventEnd(lines.length - MAX_LINES - 1);
+  if (shown) cut = Math.min(cut, lines.indexOf(shown));
+  while (cut > 0 && cut < lines.length && lines[cut].e === lines[cut - 1].e) cut--;
+  if (cut <= 0) return;
+  const keepSeq = lines[cut].e.seq;
+  let drop = 0;
+  while (drop < view.length && view[drop].e.seq < keepSeq) drop++;
+  lines = lines.slice(cut);
+  view = view.slice(drop);
+  winStart -= drop;
+  winEnd -= drop;
+  firstSeq = keepSeq;
+  olderDone = false;
+  if (lines.some((l) => l.mk)) rebuildSections();
+  updateOlder();
+  loadedChanged();
+}
+
+/** Drops new lines below the window once more than MAX_LINES are loaded; the live
+ * stream stops until the view comes back down to the end. */
+function trimNewer() {
+  if (lines.length <= MAX_LINES) return;
+  const shown = view[winEnd - 1];
+  let keep = MAX_LINES;
+  if (shown) keep = Math.max(keep, lines.indexOf(shown) + 1);
+  keep = eventEnd(keep - 1);
+  if (keep >= lines.length) return;
+  const lastKept = lines[keep - 1].e.seq;
+  let viewKeep = view.length;
+  while (viewKeep > 0 && view[viewKeep - 1].e.seq > lastKept) viewKeep--;
+  lines.length = keep;
+  view.length = viewKeep;
+  winEnd = Math.min(winEnd, viewKeep);
+  lastSeq = lastKept;
+  if (!newerDone) {
+    loadedChanged();
+    return;
+  }
+  newerDone = false;
+  pending = [];
+  if (!ended) {
+    closeSse();
+    stopPolling();
+    clearTimeout(retryTimer);
+    setConn('paused', 'Scrolled far from the end: newer lines load as you scroll down');
+  }
+  if (lines.some((l) => l.mk)) rebuildSections();
+  loadedChanged();
+}
+
+/** How many lines the model holds, for the curious (and the tests). */
+function loadedChanged() {
+  vp.dataset.loadedLines = String(lines.length);
 }
 
 /** Opened at a permalink: the next page after what is loaded; at the end, go live. */
