@@ -96,9 +96,13 @@ END;
 $$;
 
 -- The counters a statement is handing out: `eventgate.seq_cache` holds
--- '<job id>/<last seq>/<last line>', with a trailing '/*' while the job row has not
--- been written yet. It is transaction-local (set_config(..., true)), so it ends with
--- the transaction and is rolled back with a savepoint, like the row it mirrors.
+-- '<job id>/<last seq>/<last line>/*' from the statement's first row of that job until
+-- they are written to the job row (at the statement's end, or when it moves on to
+-- another job); then it is ''. It is transaction-local (set_config(..., true)), so it
+-- is rolled back with a savepoint, like the row it mirrors. It is trusted only inside
+-- the statement that set it: the next statement reads the job row again (under the
+-- lock it already holds, so cheaply), so nothing that resets settings between
+-- statements (a function's SET clause) can make it stale.
 CREATE OR REPLACE FUNCTION eventgate_write_counters(cache text) RETURNS void
 LANGUAGE sql AS $$
     UPDATE agent_jobs
@@ -135,7 +139,7 @@ BEGIN
         seq := split_part(cache, '/', 2)::bigint;
         line := split_part(cache, '/', 3)::bigint;
     ELSE
-        IF right(cache, 2) = '/*' THEN
+        IF cache <> '' THEN
             PERFORM eventgate_write_counters(cache);
         END IF;
         SELECT j.last_seq, j.last_line INTO seq, line
@@ -177,7 +181,7 @@ DECLARE
     cache text := current_setting('eventgate.seq_cache', true);
 BEGIN
     PERFORM eventgate_write_counters(cache);
-    PERFORM set_config('eventgate.seq_cache', left(cache, length(cache) - 2), true);
+    PERFORM set_config('eventgate.seq_cache', '', true);
     RETURN NULL;
 END;
 $$;
@@ -186,7 +190,7 @@ DROP TRIGGER IF EXISTS agent_job_events_write_counters ON agent_job_events;
 CREATE TRIGGER agent_job_events_write_counters
     AFTER INSERT ON agent_job_events
     FOR EACH STATEMENT
-    WHEN (right(current_setting('eventgate.seq_cache', true), 2) = '/*')
+    WHEN (current_setting('eventgate.seq_cache', true) <> '')
     EXECUTE FUNCTION agent_job_events_write_counters();
 
 -- AFTER UPDATE OF status: as in 0001, but for either shape. `status` may be the enum

@@ -183,6 +183,25 @@ pub async fn create_job(
     Ok(job_from_row(&row))
 }
 
+/// Sets a job's status; the triggers record the change as a status event in the same
+/// transaction. The value is parsed with the column's own type, so this works on the
+/// original system's enum `agentjobstatus` as on text. Returns whether the job exists.
+pub async fn set_job_status(
+    client: &impl tokio_postgres::GenericClient,
+    id: Uuid,
+    status: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let n = client
+        .execute(
+            "UPDATE agent_jobs SET status = (jsonb_populate_record(NULL::agent_jobs, \
+                 jsonb_build_object('status', $2::text))).status \
+             WHERE id = $1",
+            &[&id, &status],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
 /// An event to append.
 #[derive(Debug, Clone)]
 pub struct NewEvent {

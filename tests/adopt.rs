@@ -72,6 +72,66 @@ ALTER TABLE agent_jobs ADD CONSTRAINT fk_agent_jobs_cancel_requested_by_user_id
     FOREIGN KEY (cancel_requested_by_user_id) REFERENCES "user" (id) ON DELETE SET NULL;
 "#;
 
+/// The same two tables as the later, squashed migration creates them (594fc88de6eb):
+/// default constraint names, no server defaults on status, priority, attempt,
+/// max_attempts or level, four finish_* columns, other indexes.
+const SQUASHED_LAYOUT: &str = r#"
+CREATE TABLE "user" (id uuid NOT NULL, CONSTRAINT user_pkey PRIMARY KEY (id));
+CREATE TYPE agentjobstatus AS ENUM ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'dead_letter');
+CREATE TABLE agent_jobs (
+    id                          uuid                     NOT NULL,
+    type                        varchar(64)              NOT NULL,
+    status                      agentjobstatus           NOT NULL,
+    priority                    integer                  NOT NULL,
+    payload                     jsonb                    NOT NULL,
+    created_by_user_id          uuid,
+    requested_by_user_id        uuid,
+    cancel_requested_by_user_id uuid,
+    cancel_requested_at         timestamp with time zone,
+    cancel_reason               text,
+    affinity_key                varchar(255),
+    claimed_by                  varchar(255),
+    lease_expires_at            timestamp with time zone,
+    next_attempt_at             timestamp with time zone,
+    attempt                     integer                  NOT NULL,
+    max_attempts                integer                  NOT NULL,
+    result_summary              text,
+    error_message               text,
+    finish_outcome_code         varchar(64),
+    finish_outcome_stage        varchar(32),
+    finish_outcome_reason       varchar(256),
+    finish_summary_json         jsonb,
+    artifacts_path              varchar(1024),
+    started_at                  timestamp with time zone,
+    finished_at                 timestamp with time zone,
+    created_at                  timestamp with time zone NOT NULL DEFAULT now(),
+    updated_at                  timestamp with time zone NOT NULL DEFAULT now(),
+    PRIMARY KEY (id),
+    FOREIGN KEY (cancel_requested_by_user_id) REFERENCES "user" (id) ON DELETE SET NULL,
+    FOREIGN KEY (created_by_user_id) REFERENCES "user" (id) ON DELETE SET NULL,
+    FOREIGN KEY (requested_by_user_id) REFERENCES "user" (id) ON DELETE SET NULL
+);
+CREATE INDEX ix_agent_jobs_created_at_id ON agent_jobs (created_at, id);
+CREATE INDEX ix_agent_jobs_lease_expires_at ON agent_jobs (lease_expires_at);
+CREATE INDEX ix_agent_jobs_status_created_at_id ON agent_jobs (status, created_at, id);
+CREATE INDEX ix_agent_jobs_status_priority_created_at ON agent_jobs (status, priority, created_at);
+CREATE INDEX ix_agent_jobs_type_status_created_at ON agent_jobs (type, status, created_at);
+CREATE TYPE agentjobeventlevel AS ENUM ('info', 'warn', 'error');
+CREATE TABLE agent_job_events (
+    id         uuid                     NOT NULL,
+    job_id     uuid                     NOT NULL,
+    level      agentjobeventlevel       NOT NULL,
+    message    text                     NOT NULL,
+    payload    jsonb,
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    updated_at timestamp with time zone NOT NULL DEFAULT now(),
+    PRIMARY KEY (id),
+    FOREIGN KEY (job_id) REFERENCES agent_jobs (id) ON DELETE CASCADE
+);
+CREATE INDEX ix_agent_job_events_job_id_created_at ON agent_job_events (job_id, created_at);
+CREATE INDEX ix_agent_job_events_level_created_at ON agent_job_events (level, created_at);
+"#;
+
 /// `jobs` running jobs with `per_job` events each, made the original way: uuid4 ids,
 /// the application's clock (four events share each millisecond), NULL payloads now and
 /// then, every level, some messages of two lines. One more job has no events.
@@ -145,48 +205,6 @@ fn original_writer(
         }
         (written, longest)
     })
-}
-
-/// Each job's events as `(id, seq, line, message)` in seq order.
-async fn events_by_seq(
-    client: &tokio_postgres::Client,
-    job: Uuid,
-) -> Vec<(Uuid, i64, i64, String)> {
-    client
-        .query(
-            "SELECT id, seq, line, message FROM agent_job_events WHERE job_id = $1 ORDER BY seq",
-            &[&job],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect()
-}
-
-/// seqs 1..=n without a gap, lines from 1 without a gap (an event of k lines takes k
-/// numbers), and the job's counters at the end.
-async fn assert_numbered(client: &tokio_postgres::Client, job: Uuid) -> usize {
-    let events = events_by_seq(client, job).await;
-    let mut next_line = 1;
-    for (i, (_, seq, line, message)) in events.iter().enumerate() {
-        assert_eq!(*seq, i as i64 + 1, "seqs of job {job} are gap-free");
-        assert_eq!(
-            *line, next_line,
-            "lines of job {job} are gap-free at seq {seq}"
-        );
-        next_line += message.split('\n').count() as i64;
-    }
-    let row = client
-        .query_one(
-            "SELECT last_seq, last_line FROM agent_jobs WHERE id = $1",
-            &[&job],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, i64>(0), events.len() as i64, "last_seq");
-    assert_eq!(row.get::<_, i64>(1), next_line - 1, "last_line");
-    events.len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,6 +375,41 @@ async fn adopts_the_original_database_while_its_application_writes() {
     );
     assert_numbered(&db, job).await;
 
+    // eventgate's own status writes and appends work on the enum columns too.
+    let other = jobs[1];
+    let pool = eventgate::db::pool(&url, 1).unwrap();
+    let client = pool.get().await.unwrap();
+    assert!(
+        eventgate::store::set_job_status(&**client, other, "cancelled")
+            .await
+            .unwrap()
+    );
+    eventgate::store::append_events(
+        &**client,
+        other,
+        &[eventgate::store::NewEvent {
+            level: "warn".into(),
+            message: "after\nthe end".into(),
+            payload: serde_json::json!({"kind": "log", "stream": "stderr"}),
+        }],
+    )
+    .await
+    .unwrap();
+    let tail = eventgate::store::events_after(&client, other, 0, None, 10_000)
+        .await
+        .unwrap();
+    let n = tail.len();
+    assert_eq!(
+        (tail[n - 2].status(), tail[n - 2].level.as_str()),
+        (Some("cancelled".to_string()), "warn")
+    );
+    assert_eq!(
+        (tail[n - 1].level.as_str(), tail[n - 1].seq),
+        ("warn", n as i64)
+    );
+    assert_numbered(&db, other).await;
+    drop(client);
+
     // The gateway serves the adopted tables: the whole job streamed exactly (it ended:
     // the stream ends too), then resumed from the middle.
     let gateway = Gateway::start(&url).await;
@@ -471,5 +524,63 @@ async fn measure_adopting_a_million_events() {
         "first page afterwards: {} events in {:?}",
         page.len(),
         started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopts_the_squashed_layout_too() {
+    let url = empty_database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    db.batch_execute(SQUASHED_LAYOUT).await.unwrap();
+    // The squashed layout has no server defaults: the application names every column.
+    db.batch_execute(
+        "INSERT INTO agent_jobs (id, type, status, priority, payload, attempt, max_attempts) \
+         SELECT gen_random_uuid(), 'codex_exec', 'queued', 0, '{}', 1, 3 \
+         FROM generate_series(1, 3); \
+         INSERT INTO agent_job_events (id, job_id, level, message, payload, created_at) \
+         SELECT gen_random_uuid(), j.id, 'info', 'old ' || i, NULL, \
+                timestamptz '2026-03-20 10:00:00+00' + (i / 3) * interval '1 millisecond' \
+         FROM agent_jobs j, generate_series(1, 200) AS i;",
+    )
+    .await
+    .unwrap();
+    let before = catalog_snapshot(&db, false).await;
+    eventgate::db::migrate(&url).await.unwrap();
+    let after = catalog_snapshot(&db, false).await;
+    for line in before.lines() {
+        assert!(after.lines().any(|l| l == line), "kept: {line}");
+    }
+    let job: Uuid = db
+        .query_one("SELECT id FROM agent_jobs LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    db.execute(
+        "INSERT INTO agent_job_events (id, job_id, level, message, payload, created_at) \
+         VALUES ($1, $2, 'error', 'new', NULL, now())",
+        &[&Uuid::new_v4(), &job],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "UPDATE agent_jobs SET status = 'dead_letter', updated_at = now() WHERE id = $1",
+        &[&job],
+    )
+    .await
+    .unwrap();
+    assert_eq!(assert_numbered(&db, job).await, 202);
+    let last: (String, String) = db
+        .query_one(
+            "SELECT level::text, payload->>'status' FROM agent_job_events \
+             WHERE job_id = $1 AND seq = 202",
+            &[&job],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(last, ("error".to_string(), "dead_letter".to_string()));
+    assert_eq!(
+        eventgate::db::migrate(&url).await.unwrap(),
+        Vec::<String>::new()
     );
 }

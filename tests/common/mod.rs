@@ -698,3 +698,45 @@ pub async fn catalog_snapshot(client: &tokio_postgres::Client, with_rows: bool) 
     }
     parts.join("\n")
 }
+
+/// Each job's events as `(id, seq, line, message)` in seq order.
+pub async fn events_by_seq(
+    client: &tokio_postgres::Client,
+    job: Uuid,
+) -> Vec<(Uuid, i64, i64, String)> {
+    client
+        .query(
+            "SELECT id, seq, line, message FROM agent_job_events WHERE job_id = $1 ORDER BY seq",
+            &[&job],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+/// seqs 1..=n without a gap, lines from 1 without a gap (an event of k lines takes k
+/// numbers), and the job's counters at the end.
+pub async fn assert_numbered(client: &tokio_postgres::Client, job: Uuid) -> usize {
+    let events = events_by_seq(client, job).await;
+    let mut next_line = 1;
+    for (i, (_, seq, line, message)) in events.iter().enumerate() {
+        assert_eq!(*seq, i as i64 + 1, "seqs of job {job} are gap-free");
+        assert_eq!(
+            *line, next_line,
+            "lines of job {job} are gap-free at seq {seq}"
+        );
+        next_line += message.split('\n').count() as i64;
+    }
+    let row = client
+        .query_one(
+            "SELECT last_seq, last_line FROM agent_jobs WHERE id = $1",
+            &[&job],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), events.len() as i64, "last_seq");
+    assert_eq!(row.get::<_, i64>(1), next_line - 1, "last_line");
+    events.len()
+}
