@@ -30,11 +30,12 @@
 //! - `limits`: per-client caps (open streams per address).
 //! - [`stream`]: one subscriber: backfill, hand-over to live, lag recovery, end.
 //! - `http`: the HTTP edge: one route table, errors, bodies, typed queries, CORS, jobs,
-//!   events, streams and the embedded dashboard.
+//!   events, streams, the raw log (`log`) and the embedded dashboard.
 //! - [`conn`]: one connection: event streams written without hyper's buffers (its
 //!   `writer`), the rest by hyper.
 //! - [`server`]: the accept loop, connection limits, background tasks and the drain.
 //! - [`worker`]: `eventgate run`: a command's output as batched, redacted events.
+//! - [`tail`]: `eventgate tail`, a job's log followed in a terminal over SSE.
 //! - [`prune`]: retention; [`cluster`]: throwaway PostgreSQL clusters (demo, tests,
 //!   benchmarks); [`demo`]: `eventgate demo`, the whole thing with no set-up.
 
@@ -58,6 +59,7 @@ pub mod sse;
 mod status;
 pub mod store;
 pub mod stream;
+pub mod tail;
 pub mod worker;
 
 pub use config::Config;

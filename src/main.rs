@@ -35,6 +35,8 @@ enum Command {
     Token(TokenArgs),
     /// Delete the events of jobs that finished long ago, in small batches.
     Prune(PruneArgs),
+    /// Follow a job's log in a terminal; exit 0 if it succeeded, 1 otherwise.
+    Tail(eventgate::tail::TailArgs),
 }
 
 #[derive(clap::Args)]
@@ -201,6 +203,7 @@ fn main() -> ExitCode {
                 Ok(eventgate::worker::run_cli(&db.database_url, args).await)
             }
             Command::Token(args) => token(args).map(|()| 0),
+            Command::Tail(args) => eventgate::tail::run(args).await.map(i32::from),
             Command::Prune(args) => {
                 let deleted =
                     eventgate::prune::run(&args.db.database_url, args.older_than, args.batch)

@@ -317,6 +317,31 @@ pub async fn seq_at_time(
     Ok(row.get(0))
 }
 
+/// `(seq, message)` of the events after `after`, ascending: at most `limit` rows and,
+/// past the first row, at most `max_bytes` bytes of messages (the raw log's pages).
+pub async fn log_page(
+    client: &deadpool_postgres::Client,
+    job_id: Uuid,
+    after: i64,
+    limit: i64,
+    max_bytes: i64,
+) -> Result<Vec<(i64, String)>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT seq, message FROM ( \
+                 SELECT seq, message, \
+                     sum(octet_length(message)) OVER (ORDER BY seq) - octet_length(message) AS before \
+                 FROM (SELECT seq, message FROM agent_job_events \
+                       WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3) p \
+             ) w WHERE before < $4 ORDER BY seq",
+        )
+        .await?;
+    let rows = client
+        .query(&stmt, &[&job_id, &after, &limit, &max_bytes])
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// The seq of the event holding line `line` of a job's log: the last event whose first
 /// line is at most `line` (None before the first). A binary search over seqs, each
 /// step one probe of the (job_id, seq) index, so no index on `line` is kept for it:

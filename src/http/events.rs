@@ -128,12 +128,22 @@ pub(super) async fn page<B>(app: &App, id: Uuid, req: &Request<B>) -> Result<Res
         before_seq,
         after_event_id,
         after_time,
+        line,
     } = PageQuery::parse(req, app.config.max_page)?;
     let after_time = after_time.as_deref();
 
     let client = app.pool.get().await?;
     let Some((status, _)) = store::job_cursor(&client, id).await? else {
         return Err(ApiError::job_not_found());
+    };
+    // `line=N`: the page starts at the event holding line N (or the log's start).
+    let after_seq = match line {
+        Some(line) => Some(
+            store::seq_of_line(&**client, id, line)
+                .await?
+                .map_or(0, |s| s - 1),
+        ),
+        None => after_seq,
     };
     // The original cursor: an event id (exact), else a timestamp.
     let after = match (after_seq, after_event_id, after_time) {

@@ -11,6 +11,7 @@ mod cors;
 mod error;
 mod events;
 mod jobs;
+mod log;
 mod query;
 mod streams;
 mod web;
@@ -29,6 +30,7 @@ pub use body::Body;
 pub(crate) use body::{full, RequestBody};
 pub use error::ApiError;
 use error::Result;
+pub(crate) use log::strip_ansi;
 
 use crate::auth::{Grant, Scope};
 use crate::config::Config;
@@ -65,6 +67,8 @@ pub(crate) enum Route<'a> {
     Events(&'a str),
     /// `/api/queue/jobs/{id}/events/stream`
     EventsStream(&'a str),
+    /// `/api/queue/jobs/{id}/log`
+    Log(&'a str),
     /// Anything else under `/api/queue/jobs/`: no method is allowed there.
     OtherJobs,
     /// Outside `/api/`: the dashboard's pages and files.
@@ -87,6 +91,7 @@ impl<'a> Route<'a> {
                 (Some(id), None, ..) => Route::Job(id),
                 (Some(id), Some("events"), None, _) => Route::Events(id),
                 (Some(id), Some("events"), Some("stream"), None) => Route::EventsStream(id),
+                (Some(id), Some("log"), None, _) => Route::Log(id),
                 _ => Route::OtherJobs,
             },
             _ if !path.starts_with("/api/") => Route::Page,
@@ -202,6 +207,11 @@ async fn route<B: RequestBody>(
             let id = query::job_id(id)?;
             let grant = authorize(app, &req, Scope::Read, Some(id))?;
             streams::events(app, id, &req, peer, &grant).await
+        }
+        (&Method::GET, Route::Log(id)) => {
+            let id = query::job_id(id)?;
+            let grant = authorize(app, &req, Scope::Read, Some(id))?;
+            log::serve(app, id, &req, peer, &grant).await
         }
         (&Method::GET, Route::Page) => web::serve(&path),
         (_, Route::Page | Route::NotFound) => Err(ApiError::not_found("no such route")),

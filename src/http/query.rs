@@ -90,6 +90,8 @@ pub(super) struct PageQuery {
     pub after_event_id: Option<Uuid>,
     /// ISO 8601, checked by PostgreSQL when it is used.
     pub after_time: Option<String>,
+    /// `line=N`: the page starts at the event holding line N.
+    pub line: Option<i64>,
 }
 
 impl PageQuery {
@@ -114,12 +116,14 @@ impl PageQuery {
             })
             .transpose()?;
         let after_time = q.text("after").map(str::to_string);
+        let line = q.int("line")?;
         Ok(PageQuery {
             limit,
             after_seq,
             before_seq,
             after_event_id,
             after_time,
+            line,
         })
     }
 }
@@ -187,7 +191,8 @@ mod tests {
                 after_seq: Some(3),
                 before_seq: None,
                 after_event_id: None,
-                after_time: None
+                after_time: None,
+                line: None,
             }
         );
         assert_eq!(

@@ -250,7 +250,7 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     await page.close();
   });
 
-  test('download fetches every page of the full log as text', async () => {
+  test('download is the raw log route: the whole log as text', async () => {
     const id = jobs.create('download', 'queued');
     // 2,500 events (three pages), the first one with colour, the last with two lines.
     pg.sql(`INSERT INTO agent_job_events (job_id, level, message, payload)
@@ -265,7 +265,172 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     const lines = fs.readFileSync(file, 'utf8').split('\n');
     assert.equal(lines.pop(), '');
     assert.deepEqual(lines, Array.from({ length: 2501 }, (_, i) => `dl line ${i + 1}`));
-    await waitUntil(async () => /Downloaded 2501 lines/.test(await page.getByTestId('copy-status').textContent()), 'the confirmation');
+    await page.close();
+  });
+
+  test('a permalinked line in a huge log opens highlighted, fetching a sliver of it', async () => {
+    const total = Number(process.env.HUGE_LINES || 1_000_000);
+    const target = total - 12_346; // #L987654 in a log of a million lines
+    const id = jobs.create('a million lines', 'queued');
+    const t0 = Date.now();
+    pg.sql(`INSERT INTO agent_job_events (job_id, level, message, payload)
+      SELECT '${id}', 'info', 'million line ' || i || ' of ${total}', '{"kind":"log","stream":"stdout"}'::jsonb
+      FROM generate_series(1, ${total}) i`);
+    console.log(`# inserted ${total} one-line events in ${Date.now() - t0} ms`);
+    jobs.setStatus(id, 'succeeded');
+    const page = await browser.context.newPage();
+    const fetched = [];
+    page.on('response', async (res) => {
+      if (!res.url().includes('/events')) return;
+      try {
+        const body = await res.json();
+        fetched.push(body.items.length);
+      } catch {
+        // not a page (a stream)
+      }
+    });
+    await page.goto(`${gw.base}/jobs/${id}#L${target}`);
+    const row = page.locator(`${OUTPUT} [data-line="${target}"]`);
+    await row.waitFor({ timeout: 60_000 });
+    await settle(page);
+    assert.equal(await row.textContent(), `million line ${target} of ${total}\n`);
+    assert.match(await row.getAttribute('class'), /\bhl\b/, 'highlighted');
+    assert.equal(await page.locator(`${OUTPUT} .hl`).count(), 1);
+    const box = await row.boundingBox();
+    const vpBox = await page.getByTestId('output-viewport').boundingBox();
+    assert.ok(box.y >= vpBox.y && box.y + box.height <= vpBox.y + vpBox.height, 'the line is in view');
+    await sleep(500);
+    const events = fetched.reduce((a, b) => a + b, 0);
+    assert.ok(events < total / 100, `fetched ${events} of ${total} events (< 1 %)`);
+    const heap = await page.evaluate(() => performance.memory && performance.memory.usedJSHeapSize);
+    console.log(`# opened #L${target} of ${total}: ${fetched.length} page requests, ${events} events, JS heap ${(heap / 1048576).toFixed(1)} MiB`);
+
+    // A click on a line number sets the address; a shift-click makes a range.
+    const other = page.locator(`${OUTPUT} [data-line="${target + 3}"] .ln`);
+    await other.click();
+    assert.equal(new URL(page.url()).hash, `#L${target + 3}`);
+    assert.equal(await page.locator(`${OUTPUT} .hl`).count(), 1);
+    await page.locator(`${OUTPUT} [data-line="${target + 6}"] .ln`).click({ modifiers: ['Shift'] });
+    assert.equal(new URL(page.url()).hash, `#L${target + 3}-L${target + 6}`);
+    assert.equal(await page.locator(`${OUTPUT} .hl`).count(), 4);
+    // The numbers are not part of the log's text.
+    assert.ok(!(await page.locator(OUTPUT).textContent()).includes(`${target + 3}million`));
+
+    // A range permalink opens with every line of it highlighted.
+    const ranged = await browser.context.newPage();
+    await ranged.goto(`${gw.base}/jobs/${id}#L${target}-L${target + 2}`);
+    await ranged.locator(`${OUTPUT} [data-line="${target + 2}"]`).waitFor({ timeout: 60_000 });
+    await settle(ranged);
+    assert.equal(await ranged.locator(`${OUTPUT} .hl`).count(), 3);
+    await ranged.close();
+    await page.close();
+
+    // Scrolling a long way up keeps a bounded window of the log in memory.
+    const far = await browser.context.newPage();
+    const middle = Math.floor(total / 2);
+    await far.goto(`${gw.base}/jobs/${id}#L${middle}`);
+    await far.locator(`${OUTPUT} [data-line="${middle}"]`).waitFor({ timeout: 60_000 });
+    const firstShown = () => far.locator(`${OUTPUT} .row`).first().getAttribute('data-line').then(Number);
+    const loaded = () => far.getByTestId('output-viewport').getAttribute('data-loaded-lines').then(Number);
+    const goal = middle - 70_000;
+    for (let i = 0; i < 400 && (await firstShown()) > goal; i++) {
+      await far.getByTestId('output-viewport').evaluate((el) => { el.scrollTop = 0; });
+      await settle(far);
+      await sleep(20);
+    }
+    assert.ok((await firstShown()) <= goal, `scrolled up to line ${await firstShown()}`);
+    const held = await loaded();
+    assert.ok(held <= 50_000, `at most 50,000 lines held after scrolling 70,000 up (${held})`);
+    const farHeap = await far.evaluate(() => performance.memory && performance.memory.usedJSHeapSize);
+    console.log(`# scrolled from #L${middle} up to line ${await firstShown()}: ${held} lines held, JS heap ${(farHeap / 1048576).toFixed(1)} MiB`);
+    await far.close();
+  });
+
+  test('groups of both syntaxes fold, nested; a failed step opens itself; first error jumps there', async () => {
+    const id = jobs.create('sections');
+    const filler = Array.from({ length: 300 }, (_, i) => `filler ${i + 1}`);
+    jobs.append(id, [
+      'before groups',
+      '::group::Install deps',
+      'installing a',
+      '::group::Nested step',
+      'nested line',
+      '::endgroup::',
+      'installed',
+      '::endgroup::',
+      '\x1b[0Ksection_start:1700000000:build[collapsed=true]\r\x1b[0KBuild the thing',
+      'compiling',
+      'section_end:1700000012:build',
+      '::group::Run tests',
+      'test ok',
+      { message: 'test failed: boom', level: 'error', stream: 'stderr' },
+      '::endgroup::',
+      ...filler,
+      'after groups',
+    ]);
+    jobs.setStatus(id, 'failed');
+    const page = await openJob(id);
+    await waitForState(page, 'ended');
+    await waitForLine(page, 'after groups');
+    const sections = page.locator(`${OUTPUT} [data-testid="section"]`);
+    const header = (title) => sections.filter({ hasText: title });
+    const text = await page.locator(OUTPUT).textContent();
+    assert.ok(!/::group::|::endgroup::|section_start|section_end/.test(text), 'markers are headers, not text');
+    let lines = await outputLines(page);
+    assert.ok(!lines.includes('installing a') && !lines.includes('compiling'), 'folded by default');
+    assert.equal(await header('Install deps').getAttribute('aria-expanded'), 'false');
+    assert.equal(await header('Build the thing').getAttribute('aria-expanded'), 'false');
+    assert.match(await header('Install deps').textContent(), /\(3 lines[,)]/);
+    assert.match(await header('Build the thing').textContent(), /\(1 line, 12\.0 s\)/);
+    // The failed step's section opened by itself.
+    assert.equal(await header('Run tests').getAttribute('aria-expanded'), 'true');
+    assert.ok(lines.includes('test failed: boom'));
+
+    // Nested: opening the outer group shows the inner one, still folded.
+    await header('Install deps').click();
+    await waitForLine(page, 'installing a');
+    assert.equal(await header('Install deps').getAttribute('aria-expanded'), 'true');
+    assert.equal(await header('Nested step').getAttribute('aria-expanded'), 'false');
+    assert.ok(!(await outputLines(page)).includes('nested line'));
+    await header('Nested step').click();
+    await waitForLine(page, 'nested line');
+    lines = await outputLines(page);
+    const nested = lines.findIndex((l) => l.startsWith('▾ Nested step (1 line'));
+    assert.ok(lines.indexOf('installing a') < nested && nested < lines.indexOf('nested line')
+      && lines.indexOf('nested line') < lines.indexOf('installed'), `nested in order: ${lines.join(' | ')}`);
+    await header('Build the thing').click();
+    await waitForLine(page, 'compiling');
+    await header('Install deps').click();
+    await waitUntil(async () => !(await outputLines(page)).includes('nested line'), 'the outer group to fold');
+    assert.ok(!(await outputLines(page)).includes('installing a'));
+
+    // "First error" scrolls to the error and gives it an address.
+    await page.getByTestId('output-viewport').evaluate((el) => { el.scrollTop = el.scrollHeight; });
+    await settle(page);
+    await page.getByTestId('first-error').click();
+    const error = page.locator(`${OUTPUT} .row.level-error`, { hasText: 'test failed: boom' });
+    await settle(page);
+    const n = await error.getAttribute('data-line');
+    assert.equal(new URL(page.url()).hash, `#L${n}`);
+    assert.equal(n, '14', 'the line number of the error over the whole log');
+    const box = await error.boundingBox();
+    const vpBox = await page.getByTestId('output-viewport').boundingBox();
+    assert.ok(box.y >= vpBox.y && box.y + box.height <= vpBox.y + vpBox.height, 'the error is in view');
+    await page.close();
+  });
+
+  test('bidi controls are shown, not applied; a worker notice is a banner', async () => {
+    const id = jobs.create('bidi');
+    jobs.append(id, [
+      'access \u202egnp.exe\u202c granted',
+      { message: 'output past --max-log-bytes is not stored', level: 'warn', kind: 'notice' },
+    ]);
+    const page = await openJob(id);
+    await waitForLine(page, 'access <U+202E>gnp.exe<U+202C> granted');
+    assert.ok(!(await page.locator(OUTPUT).textContent()).includes('\u202e'), 'no raw control');
+    const notice = page.getByTestId('notice');
+    await notice.waitFor({ state: 'visible' });
+    assert.equal(await notice.textContent(), 'output past --max-log-bytes is not stored');
     await page.close();
   });
 
@@ -471,13 +636,24 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     await page.close();
   });
 
-  test('screenshots of the job page, light and dark', async () => {
+  test('screenshots of the job page, light and dark: folded sections, a permalinked line', async () => {
     const id = jobs.create('demo build #7', 'queued');
     jobs.setStatus(id, 'running');
     const stages = ['checkout', 'build', 'test'];
     let n = 0;
     for (const stage of stages) {
       const batch = [{ message: `\x1b[1;34m==> ${stage}\x1b[0m`, stage }];
+      // Folded sections of both syntaxes, one nested.
+      if (stage === 'checkout') {
+        batch.push({ message: '::group::Fetch submodules', stage }, { message: 'fetching vendor/a', stage },
+          { message: '::group::vendor/b', stage }, { message: 'fetching vendor/b', stage }, { message: '::endgroup::', stage },
+          { message: '::endgroup::', stage });
+      }
+      if (stage === 'build') {
+        batch.push({ message: '\x1b[0Ksection_start:1700000000:deps[collapsed=true]\r\x1b[0KResolve dependencies', stage },
+          ...Array.from({ length: 40 }, (_, k) => ({ message: `resolved crate_${k} v1.${k}.0`, stage })),
+          { message: 'section_end:1700000007:deps', stage });
+      }
       for (let i = 0; i < 8; i++) {
         n++;
         if (stage === 'build' && i === 3) {
@@ -497,8 +673,10 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     for (const scheme of ['light', 'dark']) {
       const page = await browser.context.newPage();
       await page.emulateMedia({ colorScheme: scheme });
-      await page.goto(`${gw.base}/jobs/${id}`);
+      // A permalinked line, highlighted.
+      await page.goto(`${gw.base}/jobs/${id}#L61`);
       await waitForState(page, 'ended');
+      await page.locator(`${OUTPUT} .hl`).waitFor();
       await page.getByTestId('toggle-timestamps').check();
       await settle(page);
       await page.screenshot({ path: path.join(SCREENSHOTS, `job-${scheme}.png`) });

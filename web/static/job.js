@@ -28,6 +28,13 @@ const POLL_MS = 2000;
 const PROBE_EVERY = 3;
 /** A seq above any real one: `beforeSeq` of the tail page. */
 const END_SEQ = Number.MAX_SAFE_INTEGER;
+/** Most lines kept in memory: past it, lines far from the window are dropped (and
+ * fetched again by range if scrolled back to). */
+const MAX_LINES = 50_000;
+/** Lines before a permalinked one that its page also loads. */
+const CONTEXT_LINES = 50;
+/** Bidirectional controls: shown as their code, never applied (they can make text lie). */
+const BIDI = /[\u202a-\u202e\u2066-\u2069]/g;
 
 const jobId = decodeURIComponent(location.pathname.split('/')[2] || '');
 const api = '/api/queue/jobs/' + encodeURIComponent(jobId);
@@ -44,6 +51,14 @@ let firstSeq = 0;
 let lastSeq = 0;
 /** Whether everything before `firstSeq` is loaded. */
 let olderDone = false;
+/** Whether everything after `lastSeq` that exists is loaded (else: opened at a permalink
+ * and not scrolled to the end yet; the live stream starts once it is). */
+let newerDone = true;
+let loadingNewer = false;
+/** The highlighted lines `[from, to]` (from `#L<a>-L<b>`), or null. */
+let highlight = null;
+/** The line a shift-click extends a range from. */
+let anchorLine = null;
 let loadingOlder = false;
 /** Events received but not yet rendered (rendered together in the next frame). */
 let pending = [];
@@ -71,6 +86,9 @@ function eventKind(ev) {
  * Splits events into lines. `prevStage` is the stage of the event before the first:
  * null when there is none (the log's start), undefined when it is not loaded yet.
  */
+/** The line number after the last event split (the fallback when events lack `line`). */
+let nextLine = 1;
+
 function linesOf(events, prevStage) {
   const result = [];
   for (const ev of events) {
@@ -86,21 +104,186 @@ function linesOf(events, prevStage) {
       at: ev.createdAt,
     };
     let stageStart = kind === 'stage' || kind === 'status';
+    if ((kind === 'notice' || kind === 'truncated') && ev.level === 'warn') showNotice(ev.message);
     if (kind === 'log' && meta.stage !== undefined) {
       stageStart = prevStage !== undefined && meta.stage !== prevStage;
       prevStage = meta.stage;
     }
     const parts = String(ev.message ?? '').split('\n');
+    // The number of the event's first line over the whole log (the gateway's `line`);
+    // a gateway without it: counted here, which is right from the log's start.
+    const first = typeof ev.line === 'number' ? ev.line : nextLine;
+    nextLine = first + parts.length;
     if (parts.length > 1 && parts[parts.length - 1] === '') parts.pop();
     // Colours set on one line of a coalesced message stay on for the next, as in a terminal.
     let carry = '';
     parts.forEach((text, i) => {
       const line = collapseCarriageReturns(text);
-      result.push({ e: meta, t: carry + line, s: stageStart && i === 0 });
+      const mk = markerOf(text);
+      if (mk) {
+        result.push({ e: meta, t: mk.title || '', s: false, n: first + i, mk });
+        return;
+      }
+      result.push({ e: meta, t: carry + line, s: stageStart && i === 0, n: first + i });
       if (i < parts.length - 1) carry = sgrCarry(line, carry);
     });
   }
   return result;
+}
+
+// ---- sections ---------------------------------------------------------------------
+//
+// `::group::<title>` / `::endgroup::` (GitHub Actions) and
+// `section_start:<unix>:<name>[collapsed=true]` / `section_end:<unix>:<name>` (GitLab)
+// lines become headers that fold what they hold. Each line knows its innermost section
+// (`p`); a header line holds its section (`h`); end markers (`x`) are never shown. A
+// folded section's lines are left out of the view, so folding costs no DOM.
+
+const GROUP = /^::group::(.*)$/;
+const ENDGROUP = /^::endgroup::\s*$/;
+const SECTION_START = /section_start:(\d+):([^\s\[\r]+)(\[[^\]]*\])?\r?(.*)$/;
+const SECTION_END = /section_end:(\d+):([^\s\[\r]+)/;
+
+/** The section marker a raw line is, or null. */
+function markerOf(raw) {
+  if (raw.indexOf('::') < 0 && raw.indexOf('section_') < 0) return null;
+  const text = stripAnsi(raw);
+  let m = GROUP.exec(text);
+  if (m) return { start: true, title: m[1].trim() || 'group', name: null, ts: null, collapsed: true };
+  if (ENDGROUP.test(text)) return { start: false, name: null, ts: null };
+  m = SECTION_START.exec(text);
+  if (m) {
+    const title = collapseCarriageReturns(m[4] || '').trim() || m[2];
+    return { start: true, title, name: m[2], ts: Number(m[1]) * 1000, collapsed: /collapsed=true/.test(m[3] || '') };
+  }
+  m = SECTION_END.exec(text);
+  if (m) return { start: false, name: m[2], ts: Number(m[1]) * 1000 };
+  return null;
+}
+
+/** Open sections at the end of `lines` (where live lines go on). */
+let sectionStack = [];
+/** Fold state the user chose, by the header's line number. */
+const openState = new Map();
+/** Sections whose header shows a changed count or duration. */
+const touched = new Set();
+
+/** Assigns sections to `list` (lines in order), going on from `stack`. */
+function assignSections(list) {
+  for (const line of list) {
+    const parent = sectionStack[sectionStack.length - 1] || null;
+    const mk = line.mk;
+    if (mk && mk.start) {
+      const at = mk.ts ?? Date.parse(line.e.at);
+      const sec = { title: mk.title, n: line.n, name: mk.name, parent, depth: sectionStack.length, count: 0, t0: at, t1: null, err: false, collapsed: mk.collapsed };
+      line.h = sec;
+      line.p = parent;
+      sectionStack.push(sec);
+      continue;
+    }
+    if (mk) {
+      line.x = true;
+      // GitHub's end closes the innermost group; GitLab's closes its named section.
+      let i = sectionStack.length - 1;
+      if (mk.name !== null) while (i >= 0 && sectionStack[i].name !== mk.name) i--;
+      if (i >= 0) {
+        const at = mk.ts ?? Date.parse(line.e.at);
+        for (let j = sectionStack.length - 1; j >= i; j--) {
+          sectionStack[j].t1 = at;
+          touched.add(sectionStack[j]);
+        }
+        sectionStack.length = i;
+      }
+      continue;
+    }
+    line.p = parent;
+    for (let sec = parent; sec; sec = sec.parent) {
+      sec.count++;
+      touched.add(sec);
+      if (line.e.level === 'error') sec.err = true;
+    }
+  }
+}
+
+/** Rebuilds every section from the loaded lines (after older lines came in front). */
+function rebuildSections() {
+  sectionStack = [];
+  for (const line of lines) {
+    line.h = line.p = undefined;
+    line.x = false;
+  }
+  assignSections(lines);
+  touched.clear();
+}
+
+/** A section opens by itself when it holds an error; otherwise as its marker says. */
+function isOpen(sec) {
+  if (openState.has(sec.n)) return openState.get(sec.n);
+  return sec.err || !sec.collapsed;
+}
+
+function sectionMeta(sec) {
+  let text = `${sec.count} line${sec.count === 1 ? '' : 's'}`;
+  if (sec.t1 !== null && Number.isFinite(sec.t1 - sec.t0)) text += `, ${formatDuration(Math.max(0, sec.t1 - sec.t0))}`;
+  return `(${text})`;
+}
+
+function headerOf(line, row) {
+  const sec = line.h;
+  row.classList.add('section');
+  row.dataset.testid = 'section';
+  row.setAttribute('role', 'button');
+  row.tabIndex = 0;
+  row.setAttribute('aria-expanded', String(isOpen(sec)));
+  row.style.paddingLeft = `calc(12px + ${sec.depth * 1.5}em)`;
+  const caret = document.createElement('span');
+  caret.className = 'caret';
+  caret.textContent = isOpen(sec) ? '▾ ' : '▸ ';
+  row.appendChild(caret);
+  for (const [run, state] of parseAnsi(line.t)) appendRun(row, run, state, filter.needle);
+  const meta = document.createElement('span');
+  meta.className = 'sec-meta';
+  meta.textContent = ' ' + sectionMeta(sec);
+  row.appendChild(meta);
+}
+
+/** Opens or closes a section, keeping its header where it is. */
+function toggleSection(n, open) {
+  openState.set(n, open);
+  view = lines.filter(matches);
+  follow = false;
+  updateFollow();
+  showLine(n, false);
+}
+
+/** Refreshes the headers in the DOM whose numbers changed; reopens what an error opened. */
+function refreshSections() {
+  let reopened = false;
+  for (const sec of touched) {
+    const row = out.querySelector(`[data-testid="section"][data-line="${sec.n}"]`);
+    if (row) {
+      row.querySelector('.sec-meta').textContent = ' ' + sectionMeta(sec);
+      if (row.getAttribute('aria-expanded') !== String(isOpen(sec))) reopened = true;
+    }
+  }
+  touched.clear();
+  return reopened;
+}
+
+function jumpToFirstError() {
+  const line = lines.find((l) => l.e.level === 'error' && !l.x);
+  if (!line) {
+    toast('No error in the loaded lines');
+    return;
+  }
+  for (let sec = line.p; sec; sec = sec.parent) openState.set(sec.n, true);
+  highlight = [line.n, line.n];
+  anchorLine = line.n;
+  history.replaceState(null, '', `#L${line.n}`);
+  view = lines.filter(matches);
+  follow = false;
+  updateFollow();
+  showLine(line.n);
 }
 
 /** Plain lowercase text of a line, computed once when first searched. */
@@ -111,6 +294,8 @@ function lower(line) {
 
 function matches(line) {
   const m = line.e;
+  if (line.x) return false;
+  for (let sec = line.p; sec; sec = sec.parent) if (!isOpen(sec)) return false;
   if (filter.kind === 'stages' && !line.s) return false;
   if (filter.kind === 'logs' && m.kind !== 'log') return false;
   if (filter.kind === 'problems' && m.level !== 'warn' && m.level !== 'error') return false;
@@ -129,10 +314,24 @@ function rowOf(line) {
   if (m.stream) cls += ' stream-' + m.stream;
   if (m.kind !== 'log') cls += ' kind-' + m.kind;
   if (line.s) cls += ' stage-start';
+  if (line.p) cls += ' in-section';
+  if (highlight && line.n >= highlight[0] && line.n <= highlight[1]) cls += ' hl';
   row.className = cls;
   row.dataset.seq = m.seq;
+  row.dataset.line = line.n;
   row.dataset.ts = formatClock(m.at);
-  for (const [text, state] of parseAnsi(line.t)) appendRun(row, text, state, filter.needle);
+  // The number is drawn by CSS from an empty span, so it is not part of the log's text.
+  const number = document.createElement('span');
+  number.className = 'ln';
+  number.dataset.n = line.n;
+  number.setAttribute('aria-hidden', 'true');
+  row.appendChild(number);
+  if (line.h) {
+    headerOf(line, row);
+  } else {
+    const text = line.t.replace(BIDI, (c) => `<U+${c.charCodeAt(0).toString(16).toUpperCase()}>`);
+    for (const [run, state] of parseAnsi(text)) appendRun(row, run, state, filter.needle);
+  }
   // textContent of the output reads as lines; the newline itself is not displayed.
   const nl = document.createElement('span');
   nl.className = 'nl';
@@ -201,7 +400,10 @@ function extendUp() {
 
 /** Slides the window down (newer rows). */
 function extendDown() {
-  if (winEnd >= view.length) return;
+  if (winEnd >= view.length) {
+    if (!newerDone) loadNewer();
+    return;
+  }
   const to = Math.min(view.length, winEnd + CHUNK);
   out.appendChild(rowsFor(winEnd, to));
   winEnd = to;
@@ -211,6 +413,15 @@ function extendDown() {
 /** Adds new lines (live) to the model, the view and, if in the window, the DOM. */
 function appendLines(newLines) {
   for (const line of newLines) lines.push(line);
+  loadedChanged();
+  assignSections(newLines);
+  if (refreshSections()) {
+    // An error opened a folded section: show what it holds.
+    view = lines.filter(matches);
+    if (follow) resetWindowToEnd();
+    else showLine(Number(out.firstChild?.dataset.line || 1), false);
+    return;
+  }
   const oldLength = view.length;
   for (const line of newLines) if (matches(line)) view.push(line);
   const added = view.length - oldLength;
@@ -225,12 +436,14 @@ function appendLines(newLines) {
     winEnd = view.length;
     trimTop();
     scrollToBottom();
+    trimOlder();
   } else {
     if (winEnd === oldLength && winEnd - winStart < MAX_ROWS) {
       const to = Math.min(view.length, winStart + MAX_ROWS);
       out.appendChild(rowsFor(winEnd, to));
       winEnd = to;
     }
+    trimOlder();
     updateJump();
   }
 }
@@ -245,6 +458,17 @@ function prependLines(older) {
     first.s = first.e.stage !== lastOlder.e.stage;
   }
   lines = older.concat(lines);
+  if (older.some((l) => l.mk) || lines.some((l) => l.mk)) {
+    // Sections may start in the older lines: rebuild them and the view, keeping the window.
+    const firstShown = view[winStart];
+    rebuildSections();
+    view = lines.filter(matches);
+    const at = firstShown ? view.indexOf(firstShown) : -1;
+    const shift = at >= 0 ? at - winStart : 0;
+    winStart += shift;
+    winEnd += shift;
+    return;
+  }
   const olderView = older.filter(matches);
   view = olderView.concat(view);
   winStart += olderView.length;
@@ -289,6 +513,11 @@ function updateFollow() {
 }
 
 function jumpToLatest() {
+  if (!newerDone) {
+    // The end is not loaded (a permalink, or trimmed): open the page at its tail.
+    location.href = location.pathname;
+    return;
+  }
   userPaused = false;
   follow = true;
   if (winEnd === view.length) scrollToBottom();
@@ -371,6 +600,8 @@ async function loadOlder() {
     if (events.length) {
       firstSeq = events[0].seq;
       prependLines(linesOf(events, olderDone ? null : undefined));
+      trimNewer();
+      loadedChanged();
     }
   } catch {
     $('older').textContent = 'Could not load older lines; scroll up to retry';
@@ -381,6 +612,159 @@ async function loadOlder() {
   updateOlder();
   if (vp.scrollTop < EDGE_PX) extendUp();
 }
+
+/** Index in `lines` of the first line of the event after the one holding line `i`. */
+function eventEnd(i) {
+  let j = i + 1;
+  while (j < lines.length && lines[j].e === lines[i].e) j++;
+  return j;
+}
+
+/** Drops old lines above the window once more than MAX_LINES are loaded. */
+function trimOlder() {
+  if (lines.length <= MAX_LINES) return;
+  const shown = view[winStart];
+  let cut = eventEnd(lines.length - MAX_LINES - 1);
+  if (shown) cut = Math.min(cut, lines.indexOf(shown));
+  while (cut > 0 && cut < lines.length && lines[cut].e === lines[cut - 1].e) cut--;
+  if (cut <= 0) return;
+  const keepSeq = lines[cut].e.seq;
+  let drop = 0;
+  while (drop < view.length && view[drop].e.seq < keepSeq) drop++;
+  lines = lines.slice(cut);
+  view = view.slice(drop);
+  winStart -= drop;
+  winEnd -= drop;
+  firstSeq = keepSeq;
+  olderDone = false;
+  if (lines.some((l) => l.mk)) rebuildSections();
+  updateOlder();
+  loadedChanged();
+}
+
+/** Drops new lines below the window once more than MAX_LINES are loaded; the live
+ * stream stops until the view comes back down to the end. */
+function trimNewer() {
+  if (lines.length <= MAX_LINES) return;
+  const shown = view[winEnd - 1];
+  let keep = MAX_LINES;
+  if (shown) keep = Math.max(keep, lines.indexOf(shown) + 1);
+  keep = eventEnd(keep - 1);
+  if (keep >= lines.length) return;
+  const lastKept = lines[keep - 1].e.seq;
+  let viewKeep = view.length;
+  while (viewKeep > 0 && view[viewKeep - 1].e.seq > lastKept) viewKeep--;
+  lines.length = keep;
+  view.length = viewKeep;
+  winEnd = Math.min(winEnd, viewKeep);
+  lastSeq = lastKept;
+  if (!newerDone) {
+    loadedChanged();
+    return;
+  }
+  newerDone = false;
+  pending = [];
+  if (!ended) {
+    closeSse();
+    stopPolling();
+    clearTimeout(retryTimer);
+    setConn('paused', 'Scrolled far from the end: newer lines load as you scroll down');
+  }
+  if (lines.some((l) => l.mk)) rebuildSections();
+  loadedChanged();
+}
+
+/** How many lines the model holds, for the curious (and the tests). */
+function loadedChanged() {
+  vp.dataset.loadedLines = String(lines.length);
+}
+
+/** Opened at a permalink: the next page after what is loaded; at the end, go live. */
+async function loadNewer() {
+  if (loadingNewer || newerDone) return;
+  loadingNewer = true;
+  try {
+    const page = await getJson(`${api}/events?afterSeq=${lastSeq}&limit=${PAGE}`);
+    for (const ev of page.items) receive(ev);
+    if (page.items.length < PAGE) {
+      newerDone = true;
+      if (!ended) connectSse();
+    }
+  } catch {
+    toast('Could not load newer lines; scroll down to retry');
+  } finally {
+    loadingNewer = false;
+  }
+}
+
+/** `#L<a>` or `#L<a>-L<b>` as `[a, b]`, else null. */
+function parseHash(hash) {
+  const m = /^#L(\d+)(?:-L?(\d+))?$/.exec(hash);
+  if (!m) return null;
+  const a = Number(m[1]);
+  const b = m[2] ? Number(m[2]) : a;
+  return [Math.min(a, b), Math.max(a, b)];
+}
+
+/** Marks the highlighted rows in the DOM. */
+function markHighlight() {
+  for (const row of out.children) {
+    const n = Number(row.dataset.line);
+    row.classList.toggle('hl', !!highlight && n >= highlight[0] && n <= highlight[1]);
+  }
+}
+
+/** Shows the window of the view around line `n` and scrolls it to the middle. */
+function showLine(n, center = true) {
+  let i = view.findIndex((line) => line.n >= n);
+  if (i < 0) i = view.length - 1;
+  winStart = Math.max(0, i - CHUNK);
+  winEnd = Math.min(view.length, i + CHUNK);
+  out.replaceChildren(rowsFor(winStart, winEnd));
+  $('empty').hidden = view.length > 0;
+  updateOlder();
+  const row = out.querySelector(`[data-line="${view[i] ? view[i].n : n}"]`);
+  if (row) row.scrollIntoView({ block: center ? 'center' : 'start' });
+  lastTop = vp.scrollTop;
+}
+
+function showNotice(text) {
+  const el = $('notice');
+  el.textContent = text;
+  el.hidden = false;
+}
+
+// Clicking a line number sets the address (shift-click: a range from the last one).
+out.addEventListener('click', (e) => {
+  const number = e.target.closest && e.target.closest('.ln');
+  const header = e.target.closest && e.target.closest('[data-testid="section"]');
+  if (!number && header) {
+    toggleSection(Number(header.dataset.line), header.getAttribute('aria-expanded') !== 'true');
+    return;
+  }
+  if (!number) return;
+  const n = Number(number.dataset.n);
+  if (e.shiftKey && anchorLine !== null) {
+    highlight = [Math.min(anchorLine, n), Math.max(anchorLine, n)];
+  } else {
+    highlight = [n, n];
+    anchorLine = n;
+  }
+  const hash = highlight[0] === highlight[1] ? `#L${highlight[0]}` : `#L${highlight[0]}-L${highlight[1]}`;
+  history.replaceState(null, '', hash);
+  markHighlight();
+});
+out.addEventListener('keydown', (e) => {
+  const header = e.target.closest && e.target.closest('[data-testid="section"]');
+  if (header && (e.key === 'Enter' || e.key === ' ')) {
+    e.preventDefault();
+    toggleSection(Number(header.dataset.line), header.getAttribute('aria-expanded') !== 'true');
+  }
+});
+// An address typed by hand: open it afresh.
+window.addEventListener('hashchange', () => {
+  if (parseHash(location.hash)) location.reload();
+});
 
 // ---- connection: SSE, falling back to polling, back to SSE ------------------------
 
@@ -425,6 +809,12 @@ function connectSse() {
     } catch {
       // a malformed frame is skipped; the seq check catches any gap on resume
     }
+  });
+  // History went back (a failover lost events we showed): what is shown is wrong now.
+  source.addEventListener('reset', () => {
+    if (es !== source) return;
+    closeSse();
+    location.reload();
   });
   source.addEventListener('end', (e) => {
     if (es !== source) return;
@@ -636,35 +1026,15 @@ async function copyVisible() {
   toast(ok ? `Copied ${view.length} line${view.length === 1 ? '' : 's'}` : 'Copy failed: select the text and copy it by hand');
 }
 
-async function downloadAll() {
-  const button = $('download');
-  button.disabled = true;
-  toast('Preparing the full log…');
-  try {
-    const parts = [];
-    let after = 0;
-    // Bounded: each page moves the cursor forward, at most this many pages.
-    for (let pages = 0; pages < 1_000_000; pages++) {
-      const page = await getJson(`${api}/events?afterSeq=${after}&limit=${PAGE}`);
-      for (const line of linesOf(page.items, null)) parts.push(stripAnsi(line.t));
-      if (page.items.length < PAGE) break;
-      after = page.items[page.items.length - 1].seq;
-    }
-    const blob = new Blob([parts.join('\n') + '\n'], { type: 'text/plain;charset=utf-8' });
-    const url = URL.createObjectURL(blob);
-    const a = document.createElement('a');
-    a.href = url;
-    a.download = `job-${jobId}.log`;
-    document.body.appendChild(a);
-    a.click();
-    a.remove();
-    setTimeout(() => URL.revokeObjectURL(url), 60_000);
-    toast(`Downloaded ${parts.length} line${parts.length === 1 ? '' : 's'}`);
-  } catch (e) {
-    toast('Download failed: ' + e.message);
-  } finally {
-    button.disabled = false;
-  }
+/** The raw log route streams the whole log from the gateway, whatever its size. */
+function downloadAll() {
+  const a = document.createElement('a');
+  a.href = `${api}/log?download=1&ansi=strip`;
+  a.download = `job-${jobId}.log`;
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+  toast('Downloading the full log');
 }
 
 for (const button of document.querySelectorAll('[data-filter]')) {
@@ -717,6 +1087,7 @@ $('follow').addEventListener('click', () => {
 $('jump').addEventListener('click', jumpToLatest);
 $('copy').addEventListener('click', copyVisible);
 $('download').addEventListener('click', downloadAll);
+$('first-error').addEventListener('click', jumpToFirstError);
 vp.addEventListener('keydown', (e) => {
   if (e.key === 'End') {
     e.preventDefault();
@@ -757,14 +1128,25 @@ async function start() {
       await new Promise((r) => setTimeout(r, Math.min(10_000, 500 * 2 ** attempt)));
     }
   }
+  highlight = parseHash(location.hash);
   let tail;
   try {
-    tail = await getJson(`${api}/events?beforeSeq=${END_SEQ}&limit=${PAGE}`);
+    if (highlight) {
+      // The page around the permalinked line, not what comes before it.
+      const from = Math.max(1, highlight[0] - CONTEXT_LINES);
+      tail = await getJson(`${api}/events?line=${from}&limit=${PAGE}`);
+      newerDone = tail.items.length < PAGE;
+      anchorLine = highlight[0];
+    } else {
+      tail = await getJson(`${api}/events?beforeSeq=${END_SEQ}&limit=${PAGE}`);
+    }
   } catch {
     tail = { items: [], jobStatus: job.status, failed: true };
+    newerDone = true;
   }
   const items = tail.items;
-  olderDone = !tail.failed && (!items.length || items[0].seq <= 1 || items.length < PAGE);
+  olderDone = !tail.failed && (!items.length || items[0].seq <= 1 || (!highlight && items.length < PAGE));
+  if (items.length && typeof items[0].line !== 'number' && !olderDone) nextLine = items[0].seq;
   prevStage = olderDone ? null : undefined;
   if (items.length) {
     firstSeq = items[0].seq;
@@ -773,14 +1155,21 @@ async function start() {
     for (const ev of items) if (ev.payload && typeof ev.payload.stage === 'string') prevStage = ev.payload.stage;
   }
   if (tail.failed) firstSeq = lastSeq = 0; // SSE starts from the beginning instead
+  rebuildSections();
   view = lines.filter(matches);
-  resetWindowToEnd();
+  if (highlight) {
+    follow = false;
+    showLine(highlight[0]);
+  } else {
+    resetWindowToEnd();
+  }
   vp.setAttribute('aria-busy', 'false');
   updateFollow();
   setStatus(tail.jobStatus || job.status);
   $('t-events').textContent = String(Math.max(job.lastSeq || 0, lastSeq));
-  fill();
+  if (!highlight) fill();
   const last = items[items.length - 1];
+  if (!newerDone) return; // the stream starts when the view reaches the end
   if (TERMINAL.has(tail.jobStatus) && last && eventKind(last) === 'status' && TERMINAL.has(last.payload.status)) {
     // Finished, and the tail reaches its final status event: nothing more will come.
     ended = true;
