@@ -1,0 +1,197 @@
+//! History that went back, and connections that die: `event: reset`, never a hang and
+//! never a silent rewrite (DESIGN.md "SSE stream", "Scale beyond one machine").
+
+mod common;
+
+use common::*;
+use uuid::Uuid;
+
+/// The next message, failing the test if none comes in time.
+async fn next(sse: &mut Sse) -> Message {
+    tokio::time::timeout(PATIENCE, sse.next())
+        .await
+        .expect("a message in time")
+        .expect("the stream goes on")
+}
+
+/// Asserts `m` is `event: reset` with `lastSeq` = `last_seq`.
+fn assert_reset(m: &Message, last_seq: i64) {
+    assert_eq!(m.event, "reset", "{} {}", m.event, m.data);
+    assert_eq!(m.json()["lastSeq"], last_seq, "{}", m.data);
+}
+
+#[tokio::test]
+async fn a_cursor_past_the_end_of_a_running_job_gets_reset_then_the_rest() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let gw = Gateway::start(&url).await;
+    let job = create_job(&db).await;
+    insert(&db, job, 3, "before").await;
+
+    let mut beyond = Sse::job(gw.addr, job, Some(i64::MAX)).await;
+    assert_eq!(beyond.status, 200);
+    assert_reset(&next(&mut beyond).await, 3);
+
+    insert(&db, job, 2, "after").await;
+    set_status(&db, job, "failed").await;
+    let rest = tokio::time::timeout(PATIENCE, beyond.read_to_end())
+        .await
+        .expect("the stream ends after the job does");
+    let live = seqs(&rest);
+    assert_eq!(
+        live.first(),
+        Some(&4),
+        "goes on right after the reset point"
+    );
+    assert_exact(&live, 4, *live.last().unwrap());
+    let last = rest.last().unwrap();
+    assert_eq!(last.event, "end");
+    assert_eq!(last.json()["status"], "failed");
+    assert_eq!(last.json()["lastSeq"], *live.last().unwrap());
+}
+
+#[tokio::test]
+async fn a_cursor_past_the_end_of_a_finished_job_gets_reset_then_end() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let job = create_job(&db).await;
+    insert(&db, job, 3, "x").await;
+    set_status(&db, job, "succeeded").await;
+    let last_seq: i64 = db
+        .query_one("SELECT last_seq FROM agent_jobs WHERE id = $1", &[&job])
+        .await
+        .unwrap()
+        .get(0);
+    // Both from a gateway that never saw the job and from one that has its state.
+    let gw = Gateway::start(&url).await;
+    let _holder = Sse::job(gw.addr, job, Some(1)).await;
+    for _ in 0..2 {
+        let mut beyond = Sse::connect(
+            gw.addr,
+            &format!(
+                "/api/queue/jobs/{job}/events/stream?afterSeq={}",
+                last_seq + 100
+            ),
+            None,
+        )
+        .await;
+        assert_eq!(beyond.status, 200);
+        let all = tokio::time::timeout(PATIENCE, beyond.read_to_end())
+            .await
+            .expect("the stream ends");
+        assert_eq!(
+            all.len(),
+            2,
+            "reset then end: {:?}",
+            all.iter().map(|m| &m.event).collect::<Vec<_>>()
+        );
+        assert_reset(&all[0], last_seq);
+        assert_eq!(all[1].event, "end");
+        assert_eq!(all[1].json()["lastSeq"], last_seq);
+    }
+}
+
+/// Cuts the gateway's LISTEN connection (as a failover or a network cut does).
+async fn cut_listen(db: &tokio_postgres::Client) -> u64 {
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap()
+}
+
+/// Rewrites a job's history as an asynchronous failover does, in one transaction: the
+/// events after `keep` are gone, the job's counter is back at `keep`, and `n` other
+/// events take the seqs after it again.
+async fn rewrite(db: &tokio_postgres::Client, job: Uuid, keep: i64, n: usize, label: &str) {
+    db.batch_execute(&format!(
+        "BEGIN; \
+         DELETE FROM agent_job_events WHERE job_id = '{job}' AND seq > {keep}; \
+         UPDATE agent_jobs SET last_seq = {keep}, last_line = {keep} WHERE id = '{job}'; \
+         INSERT INTO agent_job_events (job_id, level, message, payload) \
+         SELECT '{job}', 'info', '{label} ' || i, '{{\"kind\": \"log\"}}' \
+         FROM generate_series(1, {n}) AS i; \
+         COMMIT;"
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn history_that_went_back_resets_every_stream_then_follows_the_new_history() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let gw = Gateway::start(&url).await;
+    let job = create_job(&db).await;
+    insert(&db, job, 80, "old").await;
+
+    let mut from_start = Sse::job(gw.addr, job, None).await;
+    let mut resumed = Sse::job(gw.addr, job, Some(40)).await;
+    assert_exact(&seqs(&from_start.until_seq(80).await), 1, 80);
+    assert_exact(&seqs(&resumed.until_seq(80).await), 41, 80);
+
+    // The table loses 51..80 and new writers take 51.. again (fewer of them than were
+    // lost, so nothing is above the hub's last seq: only the check can notice).
+    rewrite(&db, job, 50, 5, "new").await;
+    let reconnects = gw.metric("eventgate_listener_reconnects_total").await;
+    assert_eq!(
+        cut_listen(&db).await,
+        1,
+        "the gateway's LISTEN session was cut"
+    );
+    wait_for("the LISTEN connection back", || async {
+        gw.metric("eventgate_listener_reconnects_total").await > reconnects
+    })
+    .await;
+
+    for sse in [&mut from_start, &mut resumed] {
+        assert_reset(&next(sse).await, 55);
+    }
+    insert(&db, job, 3, "after").await;
+    for sse in [&mut from_start, &mut resumed] {
+        let after = sse.until_seq(58).await;
+        assert_exact(&seqs(&after), 56, 58);
+        assert!(after.iter().all(|m| m.event == "queue_event"));
+        for m in &after {
+            assert!(
+                m.json()["message"].as_str().unwrap().starts_with("after "),
+                "{}",
+                m.data
+            );
+        }
+    }
+    // A newcomer sees the new history only.
+    let mut newcomer = Sse::job(gw.addr, job, None).await;
+    let all = newcomer.until_seq(58).await;
+    assert_exact(&seqs(&all), 1, 58);
+    assert!(all[50].json()["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("new "));
+}
+
+#[tokio::test]
+async fn the_same_length_with_other_events_is_noticed_by_id() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let gw = Gateway::start(&url).await;
+    let job = create_job(&db).await;
+    insert(&db, job, 10, "old").await;
+    let mut sse = Sse::job(gw.addr, job, None).await;
+    assert_exact(&seqs(&sse.until_seq(10).await), 1, 10);
+
+    // 6..10 replaced by other events with the same seqs: only the ids differ.
+    rewrite(&db, job, 5, 5, "other").await;
+    let reconnects = gw.metric("eventgate_listener_reconnects_total").await;
+    assert_eq!(cut_listen(&db).await, 1);
+    wait_for("the LISTEN connection back", || async {
+        gw.metric("eventgate_listener_reconnects_total").await > reconnects
+    })
+    .await;
+    assert_reset(&next(&mut sse).await, 10);
+    insert(&db, job, 1, "after").await;
+    let after = sse.until_seq(11).await;
+    assert_exact(&seqs(&after), 11, 11);
+}
