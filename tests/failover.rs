@@ -3,7 +3,11 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 /// The next message, failing the test if none comes in time.
@@ -194,4 +198,139 @@ async fn the_same_length_with_other_events_is_noticed_by_id() {
     insert(&db, job, 1, "after").await;
     let after = sse.until_seq(11).await;
     assert_exact(&seqs(&after), 11, 11);
+}
+
+/// A loopback TCP relay to PostgreSQL that can blackhole the LISTEN session: once
+/// `blackhole` is set, the relayed connection that sent `LISTEN` stops forwarding in
+/// both directions without closing (a silent network); the others go on.
+struct Relay {
+    port: u16,
+    blackhole: Arc<AtomicBool>,
+}
+
+impl Relay {
+    async fn start(upstream: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let blackhole = Arc::new(AtomicBool::new(false));
+        let hole = blackhole.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let listens = Arc::new(AtomicBool::new(false));
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                tokio::spawn(pipe(ri, wo, listens.clone(), hole.clone(), true));
+                tokio::spawn(pipe(ro, wi, listens, hole.clone(), false));
+            }
+        });
+        Relay { port, blackhole }
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    listens: Arc<AtomicBool>,
+    blackhole: Arc<AtomicBool>,
+    to_server: bool,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if to_server && buf[..n].windows(6).any(|w| w == b"LISTEN") {
+            listens.store(true, Ordering::SeqCst);
+        }
+        if listens.load(Ordering::SeqCst) && blackhole.load(Ordering::SeqCst) {
+            // Silent: keep both sockets open, forward nothing, ever.
+            let _keep = (from, to);
+            return std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `url` with its port replaced by `port`.
+fn via(url: &str, port: u16) -> String {
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let upstream = config.get_ports()[0];
+    url.replacen(&format!(":{upstream}/"), &format!(":{port}/"), 1)
+}
+
+#[tokio::test]
+async fn a_silent_listen_connection_is_noticed_and_replaced_and_nothing_is_lost() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let upstream = url.parse::<tokio_postgres::Config>().unwrap().get_ports()[0];
+    let relay = Relay::start(upstream).await;
+    let gw = Gateway::start(&via(&url, relay.port)).await;
+    let job = create_job(&db).await;
+    let mut sse = Sse::job(gw.addr, job, None).await;
+    insert(&db, job, 10, "before").await;
+    assert_exact(&seqs(&sse.until_seq(10).await), 1, 10);
+
+    let silent = gw.metric("eventgate_listener_silent_total").await;
+    let reconnects = gw.metric("eventgate_listener_reconnects_total").await;
+    relay.blackhole.store(true, Ordering::SeqCst);
+    let cut = std::time::Instant::now();
+    // Written into the silence: the counter poll, on the pool, delivers them.
+    insert(&db, job, 10, "during").await;
+    assert_exact(&seqs(&sse.until_seq(20).await), 11, 20);
+    wait_for("the silent LISTEN connection noticed", || async {
+        gw.metric("eventgate_listener_silent_total").await > silent
+    })
+    .await;
+    let noticed = cut.elapsed();
+    // The network heals for new connections (the blackholed one stays silent forever).
+    relay.blackhole.store(false, Ordering::SeqCst);
+    wait_for("the silent LISTEN connection replaced", || async {
+        gw.metric("eventgate_listener_reconnects_total").await > reconnects
+    })
+    .await;
+    println!(
+        "figure: blackholed LISTEN noticed after {:.1} s, replaced after {:.1} s",
+        noticed.as_secs_f64(),
+        cut.elapsed().as_secs_f64()
+    );
+    insert(&db, job, 10, "after").await;
+    assert_exact(&seqs(&sse.until_seq(30).await), 21, 30);
+}
+
+#[tokio::test]
+async fn several_hosts_with_the_first_dead_find_the_primary() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    // A port nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let port = config.get_ports()[0];
+    let multi = url.replacen(
+        &format!("127.0.0.1:{port}/"),
+        &format!("127.0.0.1:{dead},127.0.0.1:{port}/"),
+        1,
+    ) + "?target_session_attrs=read-write";
+    assert_ne!(multi, url);
+    // migrate, the pool and the LISTEN connection all take the multi-host URL.
+    eventgate::db::migrate(&multi).await.unwrap();
+    let gw = Gateway::start(&multi).await;
+    let job = create_job(&db).await;
+    let mut sse = Sse::job(gw.addr, job, None).await;
+    insert(&db, job, 5, "x").await;
+    assert_exact(&seqs(&sse.until_seq(5).await), 1, 5);
+    // Live, so through the LISTEN connection or the counter poll; and a newcomer
+    // backfills through the pool.
+    let mut other = Sse::job(gw.addr, job, Some(2)).await;
+    assert_exact(&seqs(&other.until_seq(5).await), 3, 5);
 }
