@@ -334,3 +334,56 @@ async fn several_hosts_with_the_first_dead_find_the_primary() {
     let mut other = Sse::job(gw.addr, job, Some(2)).await;
     assert_exact(&seqs(&other.until_seq(5).await), 3, 5);
 }
+
+/// The job's last seq on `url`'s server.
+async fn last_seq_on(url: &str, job: Uuid) -> Option<i64> {
+    let client = eventgate::db::connect(url).await.ok()?;
+    let row = client
+        .query_opt("SELECT last_seq FROM agent_jobs WHERE id = $1", &[&job])
+        .await
+        .ok()??;
+    Some(row.get(0))
+}
+
+#[tokio::test]
+async fn an_asynchronous_failover_that_lost_commits_resets_then_follows_the_new_primary() {
+    let (primary, url) = own_cluster().await;
+    // Blocking (pg_basebackup, pg_ctl) but short, as the other tests' restarts are.
+    let standby = eventgate::cluster::Cluster::standby_of(&primary).expect("a standby");
+    let multi = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        primary.port(),
+        standby.port()
+    );
+    let standby_url = standby.url();
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let gw = Gateway::start(&multi).await;
+    let job = create_job(&db).await;
+    let mut sse = Sse::job(gw.addr, job, None).await;
+    insert(&db, job, 50, "replicated").await;
+    wait_for("the standby at 50", || async {
+        last_seq_on(&standby_url, job).await == Some(50)
+    })
+    .await;
+    // The standby stops receiving; the primary acknowledges 30 more it never gets.
+    standby.stop().unwrap();
+    insert(&db, job, 30, "lost").await;
+    assert_exact(&seqs(&sse.until_seq(80).await), 1, 80);
+    drop(db);
+    primary.crash().unwrap();
+    standby.resume().unwrap();
+    standby.promote().unwrap();
+
+    assert_reset(&next(&mut sse).await, 50);
+    let new = connect_retry(&standby_url).await;
+    insert(&new, job, 3, "new").await;
+    let after = sse.until_seq(53).await;
+    assert_exact(&seqs(&after), 51, 53);
+    for m in &after {
+        assert!(
+            m.json()["message"].as_str().unwrap().starts_with("new "),
+            "{}",
+            m.data
+        );
+    }
+}
