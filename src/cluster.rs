@@ -67,6 +67,52 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// A streaming standby of `primary` (`pg_basebackup -R`), asynchronous, started on
+    /// a free loopback port of its own.
+    pub fn standby_of(primary: &Cluster) -> io::Result<Cluster> {
+        let dir = make_dir(primary.as_postgres)?;
+        let port = free_port()?;
+        let mut cluster = Cluster {
+            dir,
+            bin: primary.bin.clone(),
+            port,
+            as_postgres: primary.as_postgres,
+            watchdog: None,
+        };
+        let mut cmd = cluster.command("pg_basebackup");
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .arg("-D")
+        .arg(cluster.data())
+        .args(["-R", "-X", "stream", "--no-sync"]);
+        run(cmd, "pg_basebackup")?;
+        cluster.append_conf(&format!(
+            "\n# standby\nport = {}\nunix_socket_directories = '{}'\n",
+            cluster.port,
+            cluster.dir.display()
+        ))?;
+        cluster.spawn_watchdog()?;
+        cluster.pg_ctl(&["start", "-w", "-t", "60"], true)?;
+        cluster.wait_ready()?;
+        Ok(cluster)
+    }
+
+    /// `pg_ctl promote`: a standby becomes a primary.
+    pub fn promote(&self) -> io::Result<()> {
+        self.pg_ctl(&["promote", "-w", "-t", "60"], false)
+    }
+
+    /// Immediate stop (`-m immediate`: no checkpoint, like `kill -9` of the server).
+    pub fn crash(&self) -> io::Result<()> {
+        self.pg_ctl(&["stop", "-m", "immediate", "-w"], false)
+    }
+
     /// The connection string of the `postgres` database.
     pub fn url(&self) -> String {
         self.url_for("postgres")
@@ -121,12 +167,16 @@ impl Cluster {
             fsync = if options.fsync { "on" } else { "off" },
             max = options.max_connections,
         );
+        self.append_conf(&conf)
+    }
+
+    fn append_conf(&self, conf: &str) -> io::Result<()> {
         // Append as the owner of the file: the data directory is not ours when we are root.
         let mut cmd = self.command_raw("sh");
         cmd.arg("-c")
             .arg("cat >> \"$1\"")
             .arg("sh")
-            .arg(data.join("postgresql.conf"));
+            .arg(self.data().join("postgresql.conf"));
         cmd.stdin(Stdio::piped());
         let mut child = cmd.spawn()?;
         {

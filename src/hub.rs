@@ -74,6 +74,10 @@ pub enum Item {
     KeepAlive,
     /// The gateway is shutting down: tell the client when to come back and end.
     Shutdown,
+    /// The job's history went back (a failover lost events this hub had broadcast):
+    /// every stream sends `event: reset` with this seq, the job's last seq now, and
+    /// goes on from it.
+    Reset(i64),
 }
 
 /// The hub. Cheap to clone.
@@ -105,6 +109,12 @@ pub struct Job {
 struct State {
     /// Highest seq broadcast (or known to exist when the state was made).
     last_seq: i64,
+    /// The id of the event at `last_seq`, once this hub has broadcast it: what
+    /// [`Hub::sweep`] compares with the table to notice history that went back.
+    last_id: Option<Uuid>,
+    /// Set by [`Hub::sweep`]: the next read first checks that the table still holds
+    /// what was broadcast.
+    verify: bool,
     /// Recent batches, oldest first; together they cover `ring_first..=last_seq`.
     ring: VecDeque<Arc<Batch>>,
     ring_events: usize,
@@ -193,13 +203,14 @@ impl Hub {
             return Ok(start);
         }
         // First subscriber: learn where the job is. Outside the map's lock (it awaits).
-        let Some((status, last_seq)) = self.job_cursor(job_id).await? else {
+        let Some((status, last_seq, last_id)) = self.job_cursor(job_id).await? else {
             return Ok(Start::NotFound);
         };
         let terminal = status.is_terminal();
         let end = terminal.then_some(End { status, last_seq });
         if let Some(end) = &end {
-            if after >= end.last_seq {
+            // Exactly at the end; a cursor beyond it gets `reset` then `end`.
+            if after == end.last_seq {
                 return Ok(Start::Finished);
             }
         }
@@ -215,7 +226,13 @@ impl Hub {
                 .entry(job_id)
                 .or_insert_with(|| {
                     created = true;
-                    Arc::new(Job::new(job_id, last_seq, end, &self.inner.settings))
+                    Arc::new(Job::new(
+                        job_id,
+                        last_seq,
+                        last_id,
+                        end,
+                        &self.inner.settings,
+                    ))
                 })
                 .clone();
             // Subscribe under the map's lock, so the janitor cannot drop the state
@@ -233,15 +250,33 @@ impl Hub {
         Ok(Start::Live(subscription))
     }
 
-    /// The job's status and last seq, waiting out a short database outage (a restart)
+    /// The job's status, last seq and the id of the event there (what
+    /// [`Hub::verify`] later compares with), waiting out a short database outage (a restart)
     /// rather than failing a browser whose EventSource would not retry a 503.
-    async fn job_cursor(&self, job_id: Uuid) -> Result<Option<(JobStatus, i64)>, crate::Error> {
+    async fn job_cursor(
+        &self,
+        job_id: Uuid,
+    ) -> Result<Option<(JobStatus, i64, Option<Uuid>)>, crate::Error> {
         let deadline = Instant::now() + SUBSCRIBE_PATIENCE;
         let mut backoff = Backoff::gateway();
         loop {
             let result = async {
                 let client = self.inner.pool.get().await?;
-                let cursor = store::job_cursor(&client, job_id).await;
+                let cursor = async {
+                    let Some((status, last_seq)) = store::job_cursor(&client, job_id).await? else {
+                        return Ok(None);
+                    };
+                    let last_id = match last_seq {
+                        0 => None,
+                        seq => store::events_after(&client, job_id, seq - 1, None, 1)
+                            .await?
+                            .first()
+                            .filter(|e| e.seq == seq)
+                            .map(|e| e.id),
+                    };
+                    Ok(Some((status, last_seq, last_id)))
+                }
+                .await;
                 crate::db::release(client, &cursor);
                 Ok::<_, crate::Error>(cursor?)
             }
@@ -262,7 +297,7 @@ impl Hub {
         let job = jobs.get(&job_id)?;
         let mut state = job.lock();
         if let Some(end) = &state.end {
-            if after >= end.last_seq {
+            if after == end.last_seq {
                 return Some(Start::Finished);
             }
         }
@@ -299,13 +334,78 @@ impl Hub {
     }
 
     /// Wakes every job with state: after the LISTEN connection came back, anything
-    /// may have been missed.
+    /// may have been missed, and history may have gone back (a failover to a standby
+    /// that had not received everything), so each job's read first checks that the
+    /// table still holds the last event broadcast.
     pub fn sweep(&self) {
-        let ids: Vec<Uuid> = self.jobs().keys().copied().collect();
-        tracing::debug!(jobs = ids.len(), "sweeping active jobs");
-        for id in ids {
-            self.wake(id, i64::MAX);
+        let jobs: Vec<Arc<Job>> = self.jobs().values().cloned().collect();
+        tracing::debug!(jobs = jobs.len(), "sweeping active jobs");
+        for job in jobs {
+            job.lock().verify = true;
+            self.wake(job.id, i64::MAX);
         }
+    }
+
+    /// The job's last seq in the table now, or `None` if the job is gone.
+    pub async fn table_last_seq(&self, job_id: Uuid) -> Result<Option<i64>, crate::Error> {
+        let client = self.inner.pool.get().await?;
+        let cursor = store::job_cursor(&client, job_id).await;
+        crate::db::release(client, &cursor);
+        Ok(cursor?.map(|(_, last_seq)| last_seq))
+    }
+
+    /// The check [`Hub::sweep`] asks for: whether the table still ends at or after the
+    /// hub's `last_seq` with the same event there. If not, the history went back: the
+    /// ring is dropped, the hub starts over from the table's last seq, and every stream
+    /// gets [`Item::Reset`].
+    async fn verify(&self, job: &Job) -> Result<(), crate::Error> {
+        let (last_seq, last_id) = {
+            let state = job.lock();
+            (state.last_seq, state.last_id)
+        };
+        let client = self.inner.pool.get().await?;
+        // The event first, then the counter: if a rewrite commits between the two
+        // reads, the counter read second is the newer one, so N is never stale.
+        let checked = async {
+            let at = |seq: i64| store::events_after(&client, job.id, seq - 1, None, 1);
+            if last_seq > 0 {
+                let there = at(last_seq).await?.first().map(|e| (e.seq, e.id));
+                match (there, last_id) {
+                    (Some((seq, id)), Some(known)) if seq == last_seq && id == known => {
+                        return Ok(None)
+                    }
+                    // Not known yet (the state was made while the event was being
+                    // written): learn it.
+                    (Some((seq, id)), None) if seq == last_seq => {
+                        let mut state = job.lock();
+                        if state.last_seq == last_seq && state.last_id.is_none() {
+                            state.last_id = Some(id);
+                        }
+                        return Ok(None);
+                    }
+                    _ => {}
+                }
+            } else {
+                return Ok(None);
+            }
+            let Some((status, table_last)) = store::job_cursor(&client, job.id).await? else {
+                return Ok(None);
+            };
+            let new_id = match table_last {
+                0 => None,
+                seq => at(seq).await?.first().map(|e| e.id),
+            };
+            Ok(Some((status, table_last, new_id)))
+        }
+        .await;
+        crate::db::release(client, &checked);
+        let Some((status, table_last, new_id)) = checked? else {
+            return Ok(());
+        };
+        tracing::warn!(job = %job.id, broadcast = last_seq, table = table_last,
+            "the job's history went back; resetting its streams");
+        job.reset(table_last, new_id, status);
+        Ok(())
     }
 
     /// One query over the new events of every job with state that no read task is
@@ -384,6 +484,18 @@ impl Hub {
                 job.lock().read = Read::Idle;
                 return;
             }
+            let verify = std::mem::take(&mut job.lock().verify);
+            if verify {
+                if let Err(e) = self.verify(&job).await {
+                    tracing::warn!(job = %job.id, error = %e, "checking history failed; retrying");
+                    job.lock().verify = true;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next()) => {}
+                        _ = self.inner.stop.cancelled() => {}
+                    }
+                    continue;
+                }
+            }
             let after = {
                 let mut state = job.lock();
                 state.read = Read::Running;
@@ -419,7 +531,8 @@ impl Hub {
         let batch = Arc::new(Batch::encode(events, !full));
         let metrics = &self.inner.metrics;
         metrics.batches_encoded.inc();
-        let receivers = job.publish(batch.clone(), &self.inner.settings) as u64;
+        let last_id = events.last().expect("deliver gets events").id;
+        let receivers = job.publish(batch.clone(), last_id, &self.inner.settings) as u64;
         metrics
             .events_delivered
             .inc_by(batch.len_events() as u64 * receivers);
@@ -552,13 +665,21 @@ impl Hub {
 }
 
 impl Job {
-    fn new(id: Uuid, last_seq: i64, end: Option<End>, settings: &Settings) -> Job {
+    fn new(
+        id: Uuid,
+        last_seq: i64,
+        last_id: Option<Uuid>,
+        end: Option<End>,
+        settings: &Settings,
+    ) -> Job {
         let (tx, _) = broadcast::channel(settings.channel_capacity);
         Job {
             id,
             tx,
             state: Mutex::new(State {
                 last_seq,
+                last_id,
+                verify: false,
                 ring: VecDeque::new(),
                 ring_events: 0,
                 ring_bytes: 0,
@@ -581,7 +702,7 @@ impl Job {
     /// so a subscriber that takes the lock sees each batch either in the ring or later
     /// on its receiver.
     /// Returns how many receivers it reached.
-    fn publish(&self, batch: Arc<Batch>, settings: &Settings) -> usize {
+    fn publish(&self, batch: Arc<Batch>, last_id: Uuid, settings: &Settings) -> usize {
         let mut state = self.lock();
         if batch.last_seq() <= state.last_seq {
             return 0;
@@ -592,6 +713,7 @@ impl Job {
             "reads are contiguous"
         );
         state.last_seq = batch.last_seq();
+        state.last_id = Some(last_id);
         if let Some(end) = batch.end() {
             state.end = Some(end.clone());
         }
@@ -607,6 +729,20 @@ impl Job {
         }
         // No receivers is fine: the ring keeps it for the next one.
         self.tx.send(Item::Batch(batch)).unwrap_or(0)
+    }
+
+    /// Starts the job over from the table's `last_seq` (see [`Hub::verify`]): the ring
+    /// is dropped and every stream is told. Under the state lock, like `publish`, so a
+    /// subscriber sees either the old state and then the reset, or only the new state.
+    fn reset(&self, last_seq: i64, last_id: Option<Uuid>, status: JobStatus) {
+        let mut state = self.lock();
+        state.last_seq = last_seq;
+        state.last_id = last_id;
+        state.ring.clear();
+        state.ring_events = 0;
+        state.ring_bytes = 0;
+        state.end = status.is_terminal().then_some(End { status, last_seq });
+        let _ = self.tx.send(Item::Reset(last_seq));
     }
 
     /// The frames after `after` that the ring holds, if it reaches back that far.

@@ -7,6 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -22,6 +23,14 @@ use crate::status::StatusFeed;
 pub const EVENTS_CHANNEL: &str = "agent_job_events";
 /// Channel of job status changes, payload `<job_id>:<status>`.
 pub const STATUS_CHANNEL: &str = "agent_job_status";
+
+/// How often the LISTEN session is pinged (`SELECT 1`), and how long a ping may take
+/// before the session is taken for dead, dropped and replaced (then swept). A session
+/// that went silent without a close (a blackholed network, a stalled proxy) is noticed
+/// within `PING_EVERY + PING_TIMEOUT` = 10 s, whatever TCP thinks; meanwhile the
+/// counter poll, on the pool, keeps delivering.
+pub const PING_EVERY: Duration = Duration::from_secs(5);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether the LISTEN connection is up; read by `/readyz`.
 #[derive(Debug, Default, Clone)]
@@ -124,9 +133,28 @@ async fn session(
         }
         Ok::<(), crate::Error>(())
     };
+    let ping = async {
+        let mut ticker = tokio::time::interval(PING_EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            match tokio::time::timeout(PING_TIMEOUT, client.simple_query("SELECT 1")).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(crate::Error::from(e)),
+                Err(_) => {
+                    metrics.listener_silent.inc();
+                    return Err(crate::Error::db(format!(
+                        "listen connection silent: no answer to a ping in {PING_TIMEOUT:?}"
+                    )));
+                }
+            }
+        }
+    };
     tokio::select! {
         r = drive => r,
         r = setup => r,
+        r = ping => r,
     }
 }
 

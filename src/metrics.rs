@@ -42,6 +42,7 @@ pub struct Metrics {
     pub ring_catch_ups: Counter,
     pub lag_resyncs: Counter,
     pub listener_reconnects: Counter,
+    pub listener_silent: Counter,
     pub events_delivered: Counter,
     pub bytes_delivered: Counter,
     pub streams_catching_up: Gauge,
@@ -118,6 +119,10 @@ impl Default for Metrics {
             "eventgate_listener_reconnects",
             "Times the LISTEN connection was re-established."
         );
+        let listener_silent: Counter = plain!(
+            "eventgate_listener_silent",
+            "Times the LISTEN connection was dropped for not answering a ping."
+        );
         let listener_up: Gauge = plain!(
             "eventgate_listener_up",
             "Whether the LISTEN connection is up."
@@ -173,6 +178,7 @@ impl Default for Metrics {
             ring_catch_ups,
             lag_resyncs,
             listener_reconnects,
+            listener_silent,
             events_delivered,
             bytes_delivered,
             streams_catching_up: Gauge::default(),

@@ -136,6 +136,17 @@ impl Subscriber {
     async fn catch_up(&mut self) -> Result<(), crate::Error> {
         let job = self.subscription.job.clone();
         match job.catch_up(self.cursor) {
+            CatchUp::Frames(_, last_seq) if self.cursor > last_seq => {
+                // Beyond what the hub has: the table may be ahead of the hub (then the
+                // events arrive live), or the cursor is past the job's end.
+                match self.hub.table_last_seq(job.id()).await? {
+                    Some(table_last) if table_last < self.cursor => self.reset(table_last),
+                    _ => {}
+                }
+                self.set_phase(Phase::Live);
+                self.check_end();
+                return Ok(());
+            }
             CatchUp::Frames(frames, last_seq) => {
                 if !frames.is_empty() {
                     self.hub.metrics().ring_catch_ups.inc();
@@ -168,6 +179,16 @@ impl Subscriber {
             self.check_end();
         }
         Ok(())
+    }
+
+    /// `event: reset` `{"lastSeq": N}`: what the client saw after (or instead of) seq
+    /// `N` is not the job's history; the stream goes on from `N`.
+    fn reset(&mut self, last_seq: i64) {
+        self.queue.push_back(sse::named_frame(
+            "reset",
+            &serde_json::json!({ "lastSeq": last_seq }),
+        ));
+        self.cursor = last_seq;
     }
 
     async fn read_table(&self) -> Result<Vec<crate::model::Event>, crate::Error> {
@@ -212,6 +233,13 @@ impl Subscriber {
         };
         match item {
             Ok(Item::Batch(batch)) => self.deliver(&batch),
+            Ok(Item::Reset(last_seq)) => {
+                // Frames queued before the reset are of the old history: drop them.
+                self.queue.clear();
+                self.reset(last_seq);
+                self.set_phase(Phase::CatchUp);
+                None
+            }
             Ok(Item::KeepAlive) => Some(Bytes::from_static(sse::KEEP_ALIVE)),
             Ok(Item::Shutdown) => {
                 self.set_phase(Phase::Done);

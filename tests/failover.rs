@@ -1,0 +1,389 @@
+//! History that went back, and connections that die: `event: reset`, never a hang and
+//! never a silent rewrite (DESIGN.md "SSE stream", "Scale beyond one machine").
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+/// The next message, failing the test if none comes in time.
+async fn next(sse: &mut Sse) -> Message {
+    tokio::time::timeout(PATIENCE, sse.next())
+        .await
+        .expect("a message in time")
+        .expect("the stream goes on")
+}
+
+/// Asserts `m` is `event: reset` with `lastSeq` = `last_seq`.
+fn assert_reset(m: &Message, last_seq: i64) {
+    assert_eq!(m.event, "reset", "{} {}", m.event, m.data);
+    assert_eq!(m.json()["lastSeq"], last_seq, "{}", m.data);
+}
+
+#[tokio::test]
+async fn a_cursor_past_the_end_of_a_running_job_gets_reset_then_the_rest() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let gw = Gateway::start(&url).await;
+    let job = create_job(&db).await;
+    insert(&db, job, 3, "before").await;
+
+    let mut beyond = Sse::job(gw.addr, job, Some(i64::MAX)).await;
+    assert_eq!(beyond.status, 200);
+    assert_reset(&next(&mut beyond).await, 3);
+
+    insert(&db, job, 2, "after").await;
+    set_status(&db, job, "failed").await;
+    let rest = tokio::time::timeout(PATIENCE, beyond.read_to_end())
+        .await
+        .expect("the stream ends after the job does");
+    let live = seqs(&rest);
+    assert_eq!(
+        live.first(),
+        Some(&4),
+        "goes on right after the reset point"
+    );
+    assert_exact(&live, 4, *live.last().unwrap());
+    let last = rest.last().unwrap();
+    assert_eq!(last.event, "end");
+    assert_eq!(last.json()["status"], "failed");
+    assert_eq!(last.json()["lastSeq"], *live.last().unwrap());
+}
+
+#[tokio::test]
+async fn a_cursor_past_the_end_of_a_finished_job_gets_reset_then_end() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let job = create_job(&db).await;
+    insert(&db, job, 3, "x").await;
+    set_status(&db, job, "succeeded").await;
+    let last_seq: i64 = db
+        .query_one("SELECT last_seq FROM agent_jobs WHERE id = $1", &[&job])
+        .await
+        .unwrap()
+        .get(0);
+    // Both from a gateway that never saw the job and from one that has its state.
+    let gw = Gateway::start(&url).await;
+    let _holder = Sse::job(gw.addr, job, Some(1)).await;
+    for _ in 0..2 {
+        let mut beyond = Sse::connect(
+            gw.addr,
+            &format!(
+                "/api/queue/jobs/{job}/events/stream?afterSeq={}",
+                last_seq + 100
+            ),
+            None,
+        )
+        .await;
+        assert_eq!(beyond.status, 200);
+        let all = tokio::time::timeout(PATIENCE, beyond.read_to_end())
+            .await
+            .expect("the stream ends");
+        assert_eq!(
+            all.len(),
+            2,
+            "reset then end: {:?}",
+            all.iter().map(|m| &m.event).collect::<Vec<_>>()
+        );
+        assert_reset(&all[0], last_seq);
+        assert_eq!(all[1].event, "end");
+        assert_eq!(all[1].json()["lastSeq"], last_seq);
+    }
+}
+
+/// Cuts the gateway's LISTEN connection (as a failover or a network cut does).
+async fn cut_listen(db: &tokio_postgres::Client) -> u64 {
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap()
+}
+
+/// Rewrites a job's history as an asynchronous failover does, in one transaction: the
+/// events after `keep` are gone, the job's counter is back at `keep`, and `n` other
+/// events take the seqs after it again.
+async fn rewrite(db: &tokio_postgres::Client, job: Uuid, keep: i64, n: usize, label: &str) {
+    db.batch_execute(&format!(
+        "BEGIN; \
+         DELETE FROM agent_job_events WHERE job_id = '{job}' AND seq > {keep}; \
+         UPDATE agent_jobs SET last_seq = {keep}, last_line = {keep} WHERE id = '{job}'; \
+         INSERT INTO agent_job_events (job_id, level, message, payload) \
+         SELECT '{job}', 'info', '{label} ' || i, '{{\"kind\": \"log\"}}' \
+         FROM generate_series(1, {n}) AS i; \
+         COMMIT;"
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn history_that_went_back_resets_every_stream_then_follows_the_new_history() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let gw = Gateway::start(&url).await;
+    let job = create_job(&db).await;
+    insert(&db, job, 80, "old").await;
+
+    let mut from_start = Sse::job(gw.addr, job, None).await;
+    let mut resumed = Sse::job(gw.addr, job, Some(40)).await;
+    assert_exact(&seqs(&from_start.until_seq(80).await), 1, 80);
+    assert_exact(&seqs(&resumed.until_seq(80).await), 41, 80);
+
+    // The table loses 51..80 and new writers take 51.. again (fewer of them than were
+    // lost, so nothing is above the hub's last seq: only the check can notice).
+    rewrite(&db, job, 50, 5, "new").await;
+    let reconnects = gw.metric("eventgate_listener_reconnects_total").await;
+    assert_eq!(
+        cut_listen(&db).await,
+        1,
+        "the gateway's LISTEN session was cut"
+    );
+    wait_for("the LISTEN connection back", || async {
+        gw.metric("eventgate_listener_reconnects_total").await > reconnects
+    })
+    .await;
+
+    for sse in [&mut from_start, &mut resumed] {
+        assert_reset(&next(sse).await, 55);
+    }
+    insert(&db, job, 3, "after").await;
+    for sse in [&mut from_start, &mut resumed] {
+        let after = sse.until_seq(58).await;
+        assert_exact(&seqs(&after), 56, 58);
+        assert!(after.iter().all(|m| m.event == "queue_event"));
+        for m in &after {
+            assert!(
+                m.json()["message"].as_str().unwrap().starts_with("after "),
+                "{}",
+                m.data
+            );
+        }
+    }
+    // A newcomer sees the new history only.
+    let mut newcomer = Sse::job(gw.addr, job, None).await;
+    let all = newcomer.until_seq(58).await;
+    assert_exact(&seqs(&all), 1, 58);
+    assert!(all[50].json()["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("new "));
+}
+
+#[tokio::test]
+async fn the_same_length_with_other_events_is_noticed_by_id() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let gw = Gateway::start(&url).await;
+    let job = create_job(&db).await;
+    insert(&db, job, 10, "old").await;
+    let mut sse = Sse::job(gw.addr, job, None).await;
+    assert_exact(&seqs(&sse.until_seq(10).await), 1, 10);
+
+    // 6..10 replaced by other events with the same seqs: only the ids differ.
+    rewrite(&db, job, 5, 5, "other").await;
+    let reconnects = gw.metric("eventgate_listener_reconnects_total").await;
+    assert_eq!(cut_listen(&db).await, 1);
+    wait_for("the LISTEN connection back", || async {
+        gw.metric("eventgate_listener_reconnects_total").await > reconnects
+    })
+    .await;
+    assert_reset(&next(&mut sse).await, 10);
+    insert(&db, job, 1, "after").await;
+    let after = sse.until_seq(11).await;
+    assert_exact(&seqs(&after), 11, 11);
+}
+
+/// A loopback TCP relay to PostgreSQL that can blackhole the LISTEN session: once
+/// `blackhole` is set, the relayed connection that sent `LISTEN` stops forwarding in
+/// both directions without closing (a silent network); the others go on.
+struct Relay {
+    port: u16,
+    blackhole: Arc<AtomicBool>,
+}
+
+impl Relay {
+    async fn start(upstream: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let blackhole = Arc::new(AtomicBool::new(false));
+        let hole = blackhole.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let listens = Arc::new(AtomicBool::new(false));
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                tokio::spawn(pipe(ri, wo, listens.clone(), hole.clone(), true));
+                tokio::spawn(pipe(ro, wi, listens, hole.clone(), false));
+            }
+        });
+        Relay { port, blackhole }
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    listens: Arc<AtomicBool>,
+    blackhole: Arc<AtomicBool>,
+    to_server: bool,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if to_server && buf[..n].windows(6).any(|w| w == b"LISTEN") {
+            listens.store(true, Ordering::SeqCst);
+        }
+        if listens.load(Ordering::SeqCst) && blackhole.load(Ordering::SeqCst) {
+            // Silent: keep both sockets open, forward nothing, ever.
+            let _keep = (from, to);
+            return std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `url` with its port replaced by `port`.
+fn via(url: &str, port: u16) -> String {
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let upstream = config.get_ports()[0];
+    url.replacen(&format!(":{upstream}/"), &format!(":{port}/"), 1)
+}
+
+#[tokio::test]
+async fn a_silent_listen_connection_is_noticed_and_replaced_and_nothing_is_lost() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let upstream = url.parse::<tokio_postgres::Config>().unwrap().get_ports()[0];
+    let relay = Relay::start(upstream).await;
+    let gw = Gateway::start(&via(&url, relay.port)).await;
+    let job = create_job(&db).await;
+    let mut sse = Sse::job(gw.addr, job, None).await;
+    insert(&db, job, 10, "before").await;
+    assert_exact(&seqs(&sse.until_seq(10).await), 1, 10);
+
+    let silent = gw.metric("eventgate_listener_silent_total").await;
+    let reconnects = gw.metric("eventgate_listener_reconnects_total").await;
+    relay.blackhole.store(true, Ordering::SeqCst);
+    let cut = std::time::Instant::now();
+    // Written into the silence: the counter poll, on the pool, delivers them.
+    insert(&db, job, 10, "during").await;
+    assert_exact(&seqs(&sse.until_seq(20).await), 11, 20);
+    wait_for("the silent LISTEN connection noticed", || async {
+        gw.metric("eventgate_listener_silent_total").await > silent
+    })
+    .await;
+    let noticed = cut.elapsed();
+    // The network heals for new connections (the blackholed one stays silent forever).
+    relay.blackhole.store(false, Ordering::SeqCst);
+    wait_for("the silent LISTEN connection replaced", || async {
+        gw.metric("eventgate_listener_reconnects_total").await > reconnects
+    })
+    .await;
+    println!(
+        "figure: blackholed LISTEN noticed after {:.1} s, replaced after {:.1} s",
+        noticed.as_secs_f64(),
+        cut.elapsed().as_secs_f64()
+    );
+    insert(&db, job, 10, "after").await;
+    assert_exact(&seqs(&sse.until_seq(30).await), 21, 30);
+}
+
+#[tokio::test]
+async fn several_hosts_with_the_first_dead_find_the_primary() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    // A port nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let port = config.get_ports()[0];
+    let multi = url.replacen(
+        &format!("127.0.0.1:{port}/"),
+        &format!("127.0.0.1:{dead},127.0.0.1:{port}/"),
+        1,
+    ) + "?target_session_attrs=read-write";
+    assert_ne!(multi, url);
+    // migrate, the pool and the LISTEN connection all take the multi-host URL.
+    eventgate::db::migrate(&multi).await.unwrap();
+    let gw = Gateway::start(&multi).await;
+    let job = create_job(&db).await;
+    let mut sse = Sse::job(gw.addr, job, None).await;
+    insert(&db, job, 5, "x").await;
+    assert_exact(&seqs(&sse.until_seq(5).await), 1, 5);
+    // Live, so through the LISTEN connection or the counter poll; and a newcomer
+    // backfills through the pool.
+    let mut other = Sse::job(gw.addr, job, Some(2)).await;
+    assert_exact(&seqs(&other.until_seq(5).await), 3, 5);
+}
+
+/// The job's last seq on `url`'s server.
+async fn last_seq_on(url: &str, job: Uuid) -> Option<i64> {
+    let client = eventgate::db::connect(url).await.ok()?;
+    let row = client
+        .query_opt("SELECT last_seq FROM agent_jobs WHERE id = $1", &[&job])
+        .await
+        .ok()??;
+    Some(row.get(0))
+}
+
+#[tokio::test]
+async fn an_asynchronous_failover_that_lost_commits_resets_then_follows_the_new_primary() {
+    let (primary, url) = own_cluster().await;
+    // Blocking (pg_basebackup, pg_ctl) but short, as the other tests' restarts are.
+    let standby = eventgate::cluster::Cluster::standby_of(&primary).expect("a standby");
+    let multi = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        primary.port(),
+        standby.port()
+    );
+    let standby_url = standby.url();
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let gw = Gateway::start(&multi).await;
+    let job = create_job(&db).await;
+    let mut sse = Sse::job(gw.addr, job, None).await;
+    insert(&db, job, 50, "replicated").await;
+    wait_for("the standby at 50", || async {
+        last_seq_on(&standby_url, job).await == Some(50)
+    })
+    .await;
+    // The standby stops receiving; the primary acknowledges 30 more it never gets.
+    standby.stop().unwrap();
+    insert(&db, job, 30, "lost").await;
+    assert_exact(&seqs(&sse.until_seq(80).await), 1, 80);
+    drop(db);
+    primary.crash().unwrap();
+    standby.resume().unwrap();
+    standby.promote().unwrap();
+
+    assert_reset(&next(&mut sse).await, 50);
+    let new = connect_retry(&standby_url).await;
+    insert(&new, job, 3, "new").await;
+    let after = sse.until_seq(53).await;
+    assert_exact(&seqs(&after), 51, 53);
+    for m in &after {
+        assert!(
+            m.json()["message"].as_str().unwrap().starts_with("new "),
+            "{}",
+            m.data
+        );
+    }
+}
