@@ -48,7 +48,7 @@ fn descriptor_limit() -> Option<u64> {
     };
     // SAFETY: getrlimit writes one rlimit into the struct we own.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
-    (ok && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur as u64)
+    (ok && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
 }
 
 /// The connection cap: the configured one, lowered to fit the descriptor limit.
@@ -97,7 +97,7 @@ impl AcceptErrors {
         let now = tokio::time::Instant::now();
         if self
             .last_log
-            .is_none_or(|at| now.duration_since(at) >= ACCEPT_ERROR_LOG_EVERY)
+            .map_or(true, |at| now.duration_since(at) >= ACCEPT_ERROR_LOG_EVERY)
         {
             tracing::warn!(error = %error, failures = self.unlogged,
                 "accept failed; shedding new connections until descriptors free up");
