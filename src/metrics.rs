@@ -28,6 +28,7 @@ pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
     pub connections_refused: Counter,
+    pub accept_errors: Counter,
     pub streams_open: Gauge,
     pub streams_opened: Counter,
     pub notifications: Counter,
@@ -73,6 +74,10 @@ impl Default for Metrics {
         let connections_refused: Counter = plain!(
             "eventgate_connections_refused",
             "Connections answered 503 at the connection limit."
+        );
+        let accept_errors: Counter = plain!(
+            "eventgate_accept_errors",
+            "Failed accepts, out of descriptors most often (the client was shed with 503 or closed)."
         );
         let streams_open: Gauge = plain!("eventgate_streams_open", "Open SSE streams.");
         let streams_opened: Counter = plain!("eventgate_streams_opened", "SSE streams opened.");
@@ -170,6 +175,7 @@ impl Default for Metrics {
             registry,
             connections,
             connections_refused,
+            accept_errors,
             streams_open,
             streams_opened,
             notifications,
@@ -266,6 +272,7 @@ mod tests {
             ("eventgate_lag_resyncs_total", "0"),
             ("eventgate_listener_reconnects_total", "0"),
             ("eventgate_connections_refused_total", "0"),
+            ("eventgate_accept_errors_total", "0"),
             ("eventgate_ring_catch_ups_total", "0"),
             ("eventgate_streams_opened_total", "0"),
             ("eventgate_batches_encoded_total", "0"),

@@ -30,6 +30,108 @@ const JANITOR_INTERVAL: Duration = Duration::from_secs(5);
 /// queue, not overflow (the kernel caps it at `net.core.somaxconn`).
 pub const LISTEN_BACKLOG: u32 = 4096;
 
+/// Descriptors kept back from client connections: the pool, the LISTEN connection,
+/// the spare (below), a 503 being written, and files and sockets the process opens now
+/// and then. The connection cap is lowered to the process's descriptor limit minus
+/// these, so the gateway sheds with 503 before `accept` can fail, and its own
+/// PostgreSQL connections are never the ones starved.
+const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// How often a run of failed accepts is logged (with how many there were).
+const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The process's limit on open descriptors (`ulimit -n`), if it can be read.
+fn descriptor_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    (ok && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
+/// The connection cap: the configured one, lowered to fit the descriptor limit.
+fn connection_cap(config: &Config) -> usize {
+    let Some(limit) = descriptor_limit() else {
+        return config.max_connections;
+    };
+    let reserved = RESERVED_DESCRIPTORS + config.pool_size as u64;
+    let fits = limit.saturating_sub(reserved).max(1) as usize;
+    if fits < config.max_connections {
+        tracing::info!(
+            max_connections = fits,
+            configured = config.max_connections,
+            descriptor_limit = limit,
+            "connection cap lowered to fit the descriptor limit"
+        );
+    }
+    fits.min(config.max_connections)
+}
+
+/// What the accept loop does when `accept` fails: out of descriptors (EMFILE/ENFILE)
+/// it gives up a spare descriptor kept for the purpose, accepts the waiting client,
+/// answers 503 with `Retry-After` (or just closes) and takes the spare back, so the
+/// queue drains instead of the loop spinning on a listener that stays readable. Each
+/// failure is counted; the log says so once per `ACCEPT_ERROR_LOG_EVERY`.
+struct AcceptErrors {
+    spare: Option<std::fs::File>,
+    unlogged: u64,
+    last_log: Option<tokio::time::Instant>,
+    metrics: Arc<Metrics>,
+}
+
+impl AcceptErrors {
+    fn new(metrics: Arc<Metrics>) -> AcceptErrors {
+        AcceptErrors {
+            spare: std::fs::File::open("/dev/null").ok(),
+            unlogged: 0,
+            last_log: None,
+            metrics,
+        }
+    }
+
+    async fn handle(&mut self, listener: &TcpListener, error: std::io::Error, retry_ms: u64) {
+        self.metrics.accept_errors.inc();
+        self.unlogged += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last_log
+            .map_or(true, |at| now.duration_since(at) >= ACCEPT_ERROR_LOG_EVERY)
+        {
+            tracing::warn!(error = %error, failures = self.unlogged,
+                "accept failed; shedding new connections until descriptors free up");
+            self.unlogged = 0;
+            self.last_log = Some(now);
+        }
+        let out_of_descriptors = matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+        if out_of_descriptors && self.spare.take().is_some() {
+            // One descriptor free: take the waiting client and tell it to come back.
+            if let Ok(Ok((stream, _))) =
+                tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
+            {
+                shed(stream, retry_ms);
+            }
+            self.spare = std::fs::File::open("/dev/null").ok();
+        } else {
+            // Another failure, or no spare to give: wait instead of spinning.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Answers 503 in one non-blocking write and closes: nothing is held for the client.
+fn shed(stream: tokio::net::TcpStream, retry_ms: u64) {
+    let secs = retry_ms.div_ceil(1000).max(1);
+    let body = r#"{"error":"too_many_connections","message":"the gateway is out of descriptors, retry later"}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: {secs}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(response.as_bytes());
+}
+
 /// Binds a listening socket with `LISTEN_BACKLOG` (tokio's `bind` uses 1024).
 pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
@@ -116,7 +218,8 @@ pub async fn run(
     });
     // Every connection holds a permit of `limit` until it ends, and is a task of
     // `connections`, so that the drain can wait for it and abort it at the deadline.
-    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let limit = Arc::new(Semaphore::new(connection_cap(&config)));
+    let mut accept_errors = AcceptErrors::new(metrics.clone());
     let mut connections = JoinSet::new();
 
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
@@ -126,9 +229,7 @@ pub async fn run(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    // Out of file descriptors and the like: wait instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_errors.handle(&listener, e, config.retry_ms).await;
                     continue;
                 }
             },
