@@ -32,6 +32,7 @@ use hyper::{Method, Request, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::AsyncReadExt;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -170,9 +171,45 @@ async fn sniff(stream: &TcpStream) -> io::Result<First> {
         if let Some(first) = classify(&buf[..n], n == buf.len()) {
             return Ok(first);
         }
-        // Part of a head so far. The socket stays readable while those bytes sit
-        // unread, so wait a moment instead of spinning.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Part of a head so far. The bytes sit unread, so the socket stays readable and
+        // another peek would return at once: clear tokio's readiness (a `WouldBlock`
+        // from `try_io` does) and sleep until the next readiness edge, which is new
+        // bytes or the peer's FIN. Nothing runs meanwhile: a partial head costs no CPU.
+        let _ = stream.try_io(Interest::READABLE, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+        // Bytes that arrived between the peek and the clearing raised no new edge of
+        // their own: look once more, without waiting.
+        if peek_now(stream, &mut buf)? > n {
+            continue;
+        }
+        let ready = stream.ready(Interest::READABLE).await?;
+        if ready.is_read_closed() {
+            // Gone before finishing its head: nothing to answer.
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Peeks without waiting and without touching tokio's readiness: how many bytes are
+/// buffered now (0 also when none are).
+fn peek_now(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: recv writes at most `buf.len()` bytes into `buf`, which we own.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        n if n >= 0 => Ok(n as usize),
+        _ => match io::Error::last_os_error() {
+            e if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            e => Err(e),
+        },
     }
 }
 

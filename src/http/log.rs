@@ -452,6 +452,9 @@ impl Reader {
                     Ok(Item::Batch(batch)) if batch.last_seq() > after => return true,
                     Ok(Item::Batch(_)) | Ok(Item::KeepAlive) => continue,
                     Ok(Item::Shutdown) | Err(RecvError::Closed) => return false,
+                    // History went back (a failover): text already sent cannot be
+                    // taken back, so the response ends and the client fetches again.
+                    Ok(Item::Reset(_)) => return false,
                     // Missed some wake-ups: read the table, which has them all.
                     Err(RecvError::Lagged(_)) => return true,
                 }
