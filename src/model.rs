@@ -181,6 +181,9 @@ pub struct Event {
     pub id: Uuid,
     pub job_id: Uuid,
     pub seq: i64,
+    /// The number of the first line of `message` over the job's whole log (a message
+    /// counts as its `\n`-separated parts).
+    pub line: i64,
     pub level: Level,
     pub message: String,
     /// The jsonb payload as PostgreSQL printed it, passed through without re-parsing.

@@ -137,6 +137,7 @@ mod tests {
             job_id: Uuid::nil(),
             seq,
             level: Level::Info,
+            line: seq,
             message: message.into(),
             payload: RawValue::from_string(payload.into()).unwrap(),
             created_at: "2026-01-01T00:00:00.000000Z".into(),
@@ -151,7 +152,7 @@ mod tests {
         assert_eq!(
             text,
             "id: 7\nevent: queue_event\ndata: {\"id\":\"00000000-0000-0000-0000-000000000000\",\
-             \"jobId\":\"00000000-0000-0000-0000-000000000000\",\"seq\":7,\"level\":\"info\",\
+             \"jobId\":\"00000000-0000-0000-0000-000000000000\",\"seq\":7,\"line\":7,\"level\":\"info\",\
              \"message\":\"a\\nb\",\"payload\":{\"kind\": \"log\"},\
              \"createdAt\":\"2026-01-01T00:00:00.000000Z\"}\n\n"
         );

@@ -3,8 +3,18 @@
 //! Timestamps are formatted by PostgreSQL (RFC 3339, UTC, microseconds) and jsonb is
 //! passed through as text, so rows become JSON without a round trip through a value
 //! tree.
+//!
+//! Every query reads both eventgate's own tables and the original system's, adopted by
+//! `eventgate migrate` (see `db::Shape`): `status` and `level` may be enums, so they
+//! are read as `::text` and compared as text; an event's `payload` may be NULL; a job
+//! may lack eventgate's columns (`name`), so those are read from `to_jsonb(j)`, which
+//! names no column and so cannot fail on either shape (and, unlike a view, puts no
+//! dependency on the original columns that would stop its own migrations). Writes name
+//! enum-typed columns through `jsonb_populate_record(set)`, which parses each value with
+//! the column's own type.
 
 use serde_json::value::RawValue;
+use tokio_postgres::types::Json;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -22,7 +32,8 @@ macro_rules! ts {
 }
 
 const JOB_COLUMNS: &str = concat!(
-    "id, name, status, payload::text, ",
+    "j.id, coalesce(to_jsonb(j)->>'name', to_jsonb(j)->>'type', ''), j.status::text, \
+     j.payload::text, ",
     ts!("created_at"),
     ", ",
     ts!("updated_at"),
@@ -30,13 +41,13 @@ const JOB_COLUMNS: &str = concat!(
     ts!("started_at"),
     ", ",
     ts!("finished_at"),
-    ", last_seq"
+    ", j.last_seq"
 );
 
 const EVENT_COLUMNS: &str = concat!(
-    "id, job_id, seq, level, message, payload::text, ",
+    "id, job_id, seq, level::text, message, coalesce(payload, '{}')::text, ",
     ts!("created_at"),
-    ", (extract(epoch FROM created_at) * 1000000)::int8"
+    ", (extract(epoch FROM created_at) * 1000000)::int8, line"
 );
 
 fn job_from_row(row: &Row) -> Result<Job, tokio_postgres::Error> {
@@ -65,6 +76,7 @@ pub fn event_from_row(row: &Row) -> Result<Event, tokio_postgres::Error> {
         payload: raw(row.try_get(5)?),
         created_at: row.try_get(6)?,
         created_us: row.try_get(7)?,
+        line: row.try_get(8)?,
     })
 }
 
@@ -80,7 +92,7 @@ pub async fn list_jobs(
     status: Option<&str>,
 ) -> Result<Vec<Job>, tokio_postgres::Error> {
     let sql = format!(
-        "SELECT {JOB_COLUMNS} FROM agent_jobs WHERE ($1::text IS NULL OR status = $1) \
+        "SELECT {JOB_COLUMNS} FROM agent_jobs j WHERE ($1::text IS NULL OR status::text = $1) \
          ORDER BY created_at DESC, id LIMIT $2"
     );
     let rows = client.query(&sql, &[&status, &limit]).await?;
@@ -92,7 +104,7 @@ pub async fn jobs_by_id(
     client: &impl tokio_postgres::GenericClient,
     ids: &[Uuid],
 ) -> Result<Vec<Job>, tokio_postgres::Error> {
-    let sql = format!("SELECT {JOB_COLUMNS} FROM agent_jobs WHERE id = ANY($1)");
+    let sql = format!("SELECT {JOB_COLUMNS} FROM agent_jobs j WHERE id = ANY($1)");
     let rows = client.query(&sql, &[&ids]).await?;
     rows.iter().map(job_from_row).collect()
 }
@@ -102,7 +114,7 @@ pub async fn recently_updated_jobs(
     client: &impl tokio_postgres::GenericClient,
     limit: i64,
 ) -> Result<Vec<Job>, tokio_postgres::Error> {
-    let sql = format!("SELECT {JOB_COLUMNS} FROM agent_jobs ORDER BY updated_at DESC LIMIT $1");
+    let sql = format!("SELECT {JOB_COLUMNS} FROM agent_jobs j ORDER BY updated_at DESC LIMIT $1");
     let rows = client.query(&sql, &[&limit]).await?;
     rows.iter().map(job_from_row).collect()
 }
@@ -112,7 +124,7 @@ pub async fn get_job(
     client: &impl tokio_postgres::GenericClient,
     id: Uuid,
 ) -> Result<Option<Job>, tokio_postgres::Error> {
-    let sql = format!("SELECT {JOB_COLUMNS} FROM agent_jobs WHERE id = $1");
+    let sql = format!("SELECT {JOB_COLUMNS} FROM agent_jobs j WHERE id = $1");
     let row = client.query_opt(&sql, &[&id]).await?;
     row.as_ref().map(job_from_row).transpose()
 }
@@ -123,13 +135,15 @@ pub async fn job_cursor(
     id: Uuid,
 ) -> Result<Option<(JobStatus, i64)>, tokio_postgres::Error> {
     let stmt = client
-        .prepare_cached("SELECT status, last_seq FROM agent_jobs WHERE id = $1")
+        .prepare_cached("SELECT status::text, last_seq FROM agent_jobs WHERE id = $1")
         .await?;
     let row = client.query_opt(&stmt, &[&id]).await?;
     row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
 }
 
-/// Creates a job; `id` defaults to a random one.
+/// Creates a job; `id` defaults to a random one. On the original system's table the
+/// name is its `type` (at most 64 characters) and its other required columns get that
+/// system's defaults; keys that are not columns of the table are ignored.
 pub async fn create_job(
     client: &impl tokio_postgres::GenericClient,
     id: Option<Uuid>,
@@ -139,14 +153,38 @@ pub async fn create_job(
 ) -> Result<Job, tokio_postgres::Error> {
     let id = id.unwrap_or_else(Uuid::new_v4);
     let sql = format!(
-        "INSERT INTO agent_jobs (id, name, status, payload, started_at) \
-         VALUES ($1, $2, $3, $4, CASE WHEN $3 = 'running' THEN now() END) \
+        "INSERT INTO agent_jobs AS j \
+         SELECT * FROM jsonb_populate_record(NULL::agent_jobs, jsonb_build_object( \
+             'id', $1::uuid, 'name', $2::text, 'type', left($2::text, 64), \
+             'status', $3::text, 'payload', $4::jsonb, \
+             'priority', 0, 'attempt', 1, 'max_attempts', 3, \
+             'created_at', now(), 'updated_at', now(), 'last_seq', 0, 'last_line', 0, \
+             'started_at', CASE WHEN $3::text = 'running' THEN now() END)) \
          RETURNING {JOB_COLUMNS}"
     );
     let row = client
         .query_one(&sql, &[&id, &name, &status, payload])
         .await?;
     job_from_row(&row)
+}
+
+/// Sets a job's status; the triggers record the change as a status event in the same
+/// transaction. The value is parsed with the column's own type, so this works on the
+/// original system's enum `agentjobstatus` as on text. Returns whether the job exists.
+pub async fn set_job_status(
+    client: &impl tokio_postgres::GenericClient,
+    id: Uuid,
+    status: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let n = client
+        .execute(
+            "UPDATE agent_jobs SET status = (jsonb_populate_record(NULL::agent_jobs, \
+                 jsonb_build_object('status', $2::text))).status \
+             WHERE id = $1",
+            &[&id, &status],
+        )
+        .await?;
+    Ok(n == 1)
 }
 
 /// Appends events in ONE statement (so one notification), in the given order.
@@ -156,16 +194,29 @@ pub async fn append_events(
     job_id: Uuid,
     events: &[NewEvent],
 ) -> Result<Vec<(Uuid, i64)>, tokio_postgres::Error> {
-    let levels: Vec<&str> = events.iter().map(|e| e.level.as_str()).collect();
-    let messages: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
-    let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
+    #[derive(Debug, serde::Serialize)]
+    struct Row<'a> {
+        level: &'a str,
+        message: &'a str,
+        payload: &'a serde_json::Value,
+    }
+    let rows: Vec<Row> = events
+        .iter()
+        .map(|e| Row {
+            level: e.level.as_str(),
+            message: &e.message,
+            payload: &e.payload,
+        })
+        .collect();
+    // jsonb_populate_recordset gives `level` the column's type (text or enum).
     let rows = client
         .query(
             "INSERT INTO agent_job_events (job_id, level, message, payload) \
-             SELECT $1, l, m, p FROM unnest($2::text[], $3::text[], $4::jsonb[]) \
-                 WITH ORDINALITY AS t(l, m, p, n) ORDER BY n \
+             SELECT $1, r.level, r.message, coalesce(r.payload, '{}') \
+             FROM jsonb_populate_recordset(NULL::agent_job_events, $2::jsonb) \
+                 WITH ORDINALITY AS r ORDER BY r.ordinality \
              RETURNING id, seq",
-            &[&job_id, &levels, &messages, &payloads],
+            &[&job_id, &Json(&rows)],
         )
         .await?;
     let mut out: Vec<(Uuid, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -264,4 +315,37 @@ pub async fn seq_at_time(
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// The seq of the event holding line `line` of a job's log: the last event whose first
+/// line is at most `line` (None before the first). A binary search over seqs, each
+/// step one probe of the (job_id, seq) index, so no index on `line` is kept for it:
+/// lines grow with seqs.
+pub async fn seq_of_line(
+    client: &impl tokio_postgres::GenericClient,
+    job_id: Uuid,
+    line: i64,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let Some(last) = client
+        .query_opt("SELECT last_seq FROM agent_jobs WHERE id = $1", &[&job_id])
+        .await?
+    else {
+        return Ok(None);
+    };
+    let probe = client
+        .prepare(
+            "SELECT seq, line FROM agent_job_events \
+             WHERE job_id = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT 1",
+        )
+        .await?;
+    // The answer is in lo..=hi, where lo = 0 means "none".
+    let (mut lo, mut hi): (i64, i64) = (0, last.get(0));
+    while lo < hi {
+        let mid = lo + (hi - lo + 1) / 2;
+        match client.query_opt(&probe, &[&job_id, &mid, &hi]).await? {
+            Some(row) if row.get::<_, i64>(1) <= line => lo = row.get(0),
+            _ => hi = mid - 1,
+        }
+    }
+    Ok((lo > 0).then_some(lo))
 }

@@ -165,7 +165,7 @@ async fn many_subscribers_get_identical_streams_with_exact_bytes() {
         (row.get(0), row.get(1), row.get(2), row.get(3));
     let expected = format!(
         "retry: 2000\n\nid: 1\nevent: queue_event\ndata: {{\"id\":\"{id}\",\"jobId\":\"{job}\",\
-         \"seq\":1,\"level\":\"info\",\"message\":\"{message}\",\"payload\":{payload},\
+         \"seq\":1,\"line\":1,\"level\":\"info\",\"message\":\"{message}\",\"payload\":{payload},\
          \"createdAt\":\"{created}\"}}\n\n"
     );
     let text = String::from_utf8(first).unwrap();

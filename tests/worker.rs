@@ -522,3 +522,207 @@ async fn an_unfinished_line_is_shown_early_and_joins_up() {
         .expect("a piece was stored before the line ended");
     assert_eq!(early.message, format!("Downloading the {SPLIT_MARKER}"));
 }
+
+/// Whether `program --version` runs here.
+fn have(program: &str) -> bool {
+    std::process::Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_is_redacted_in_every_form_real_tools_print_it() {
+    let url = fresh_database().await;
+    let job = create_job(&url).await;
+    let secret = "s3cr3t value/with+chars";
+    // encodeURI / encodeURIComponent from Node.js when it is here, else the same
+    // reserved sets from Python.
+    let js = if have("node") {
+        r#"node -e 'const t = process.env.DEPLOY_TOKEN;
+            console.log("encodeURI " + encodeURI(t));
+            console.log("encodeURIComponent " + encodeURIComponent(t));
+            console.log("stringify " + JSON.stringify({t}))'"#
+    } else {
+        r#"python3 -c 'import os, json, urllib.parse as u; t = os.environ["DEPLOY_TOKEN"]
+print("encodeURI " + u.quote(t, safe=";,/?:@&=+$-_.!~*()#"))
+print("encodeURIComponent " + u.quote(t, safe="-_.!~*()"))
+print("stringify " + json.dumps({"t": t}))'"#
+    };
+    let script = format!(
+        r#"
+        python3 -c 'import os, json, base64, urllib.parse as u; t = os.environ["DEPLOY_TOKEN"]
+print("quote " + u.quote(t))
+print("quote_plus " + u.quote_plus(t))
+print("quote_lower " + u.quote(t, safe="").lower())
+print("json " + json.dumps({{"t": t, "k": "\u00e9"}}))
+print("hex " + t.encode().hex())
+print("HEX " + t.encode().hex().upper())
+print("b64url " + base64.urlsafe_b64encode(b"ab" + t.encode()).decode().rstrip("="))'
+        {js}
+        printf '%s' "$DEPLOY_TOKEN" | base64 -w 0 | tr -d '='; echo
+        for lead in 50 51 52 53 54 55 56 57; do
+            {{ head -c $lead /dev/zero | tr '\0' x; printf '%s' "$DEPLOY_TOKEN";
+               head -c 60 /dev/zero | tr '\0' y; }} | base64
+        done
+        echo "grep: $DEPLOY_TOKEN here" | grep --color=always 'value'
+        echo "grep: $DEPLOY_TOKEN here" | grep --color=always -E 'cr3t|with'
+        echo "done"
+    "#
+    );
+    let code = worker(&url, job, &[], &["sh", "-c", &script])
+        .env("DEPLOY_TOKEN", secret)
+        .status()
+        .await
+        .unwrap()
+        .code();
+
+    assert_eq!(code, Some(0));
+    let stored = everything_stored(&url, job).await;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let forbidden = [
+        secret.to_string(),
+        percent_encoded(secret, "-._~/"),                   // quote
+        percent_encoded(secret, "-._~ ").replace(' ', "+"), // quote_plus
+        percent_encoded(secret, "-._~").to_lowercase(),     // lower-case hex
+        percent_encoded(secret, ";,/?:@&=+$-_.!~*'()#"),    // encodeURI
+        percent_encoded(secret, "-_.!~*'()"),               // encodeURIComponent
+        secret.replace('/', "\\/"),                         // JSON with \/
+        "733363723374".to_string(),                         // hex
+        "733363723374".to_uppercase(),
+        b64.encode(secret).trim_end_matches('=').to_string(),
+        "cr3t".to_string(), // inside colour codes
+    ];
+    for form in &forbidden {
+        assert!(!stored.contains(form.as_str()), "{form} leaked:\n{stored}");
+    }
+    let events = events(&url, job).await;
+    let out = lines(&events, "stdout");
+    for prefix in [
+        "quote ",
+        "quote_plus ",
+        "quote_lower ",
+        "hex ",
+        "HEX ",
+        "b64url ",
+        "encodeURI ",
+        "encodeURIComponent ",
+    ] {
+        assert!(
+            out.iter()
+                .any(|l| l.starts_with(prefix) && l.contains(REDACTED)),
+            "{prefix}: {out:?}"
+        );
+    }
+    assert!(
+        out.iter()
+            .any(|l| l.starts_with("json ") && l.contains("\\u00e9")),
+        "the rest of a JSON line stays: {out:?}"
+    );
+    assert!(out
+        .iter()
+        .any(|l| l.starts_with("grep: ") && l.ends_with(" here")));
+    assert_eq!(out.last().map(String::as_str), Some("done"));
+    // No stored line, and no pair of lines joined as a decoder would, decodes to the
+    // secret or to a long part of it.
+    let pieces: Vec<String> = out
+        .iter()
+        .cloned()
+        .chain(out.windows(2).map(|pair| pair.concat()))
+        .collect();
+    for piece in &pieces {
+        let decoded = base64_decodings(piece);
+        for part in ["s3cr3t", "cr3t val", "value/", "with+chars"] {
+            assert!(
+                !decoded.contains(part),
+                "{piece:?} decodes to {part:?}: {decoded:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn add_mask_hides_a_value_from_then_on() {
+    let url = fresh_database().await;
+    let job = create_job(&url).await;
+
+    // The value is made at run time, so the worker cannot know it beforehand.
+    let script = r#"
+        v="run-time-$(echo 42 | tr 4 7)-value"
+        echo "::add-mask::$v"
+        sleep 0.2
+        echo "later $v"
+        echo "on stderr $v" >&2
+        printf '%s' "$v" | base64
+        echo "encoded run-time-72-value" | sed 's/-/%2D/g'
+    "#;
+    let code = run_sh(&url, job, &[], script).await;
+
+    assert_eq!(code, 0);
+    let stored = everything_stored(&url, job).await;
+    for form in [
+        "run-time-72-value",
+        "run%2Dtime%2D72%2Dvalue",
+        "cnVuLXRpbWUtNzItdmFsdWU",
+    ] {
+        assert!(!stored.contains(form), "{form} leaked:\n{stored}");
+    }
+    let events = events(&url, job).await;
+    let out = lines(&events, "stdout");
+    assert_eq!(out.len(), 4, "{out:?}");
+    assert_eq!(out[0], format!("::add-mask::{REDACTED}"));
+    assert_eq!(out[1], format!("later {REDACTED}"));
+    // What is left of the base64 is its last, partly padded group.
+    assert!(out[2].starts_with(REDACTED) && out[2].len() < REDACTED.len() + 4);
+    assert_eq!(out[3], format!("encoded {REDACTED}"));
+    assert_eq!(
+        lines(&events, "stderr"),
+        vec![format!("on stderr {REDACTED}")]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_max_log_bytes_one_notice_and_the_command_runs_to_its_end() {
+    let url = fresh_database().await;
+    let job = create_job(&url).await;
+    let dir = std::env::temp_dir().join(format!("eventgate-max-log-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let finished = dir.join("finished");
+
+    let script = format!(
+        "seq 1 200000; seq 1 50000 >&2; echo 'after the limit'; touch {}; exit 3",
+        finished.display()
+    );
+    let code = run_sh(&url, job, &["--max-log-bytes", "20000"], &script).await;
+
+    assert_eq!(code, 3, "the command's code is passed on");
+    assert!(finished.exists(), "the command ran to its end");
+    let events = events(&url, job).await;
+    let notices: Vec<&Stored> = events.iter().filter(|e| e.kind() == "notice").collect();
+    assert_eq!(notices.len(), 1, "one notice: {notices:?}");
+    let notice = notices[0];
+    assert_eq!(notice.level, "warn");
+    assert_eq!(notice.payload["notice"], "truncated");
+    assert_eq!(notice.payload["maxLogBytes"], 20000);
+    assert!(notice.message.contains("20000"), "{}", notice.message);
+    let logs: Vec<&Stored> = events.iter().filter(|e| e.kind() == "log").collect();
+    assert!(
+        logs.iter().all(|e| e.seq < notice.seq),
+        "nothing is stored after the notice"
+    );
+    let stored_bytes: usize = logs.iter().map(|e| e.message.len() + 1).sum();
+    assert!(stored_bytes <= 20000, "{stored_bytes} bytes stored");
+    let out = lines(&events, "stdout");
+    assert!(out.len() > 1000, "output up to the limit is kept");
+    let expected: Vec<String> = (1..=out.len()).map(|i| i.to_string()).collect();
+    assert_eq!(out, expected, "a prefix, whole lines, in order");
+    assert!(!out.iter().any(|l| l == "after the limit"));
+    let status = final_status(&events);
+    assert_eq!(status["status"], "failed");
+    assert_eq!(status["exitCode"], 3);
+    assert_eq!(status["truncated"]["maxLogBytes"], 20000);
+    assert!(status["truncated"]["bytes"].as_u64().unwrap() > 1_000_000);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

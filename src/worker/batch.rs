@@ -17,6 +17,8 @@ pub enum Kind {
     Log(Stream),
     /// A note that output was dropped here.
     Dropped(Dropped),
+    /// The notice that the log reached `--max-log-bytes` (this many bytes) here.
+    Truncated(u64),
 }
 
 /// One row to be.
@@ -100,6 +102,19 @@ impl Batcher {
         );
         self.events.push(Event {
             kind: Kind::Dropped(dropped),
+            text,
+            lines: 1,
+        });
+    }
+
+    /// Adds the notice that the log is full: nothing after it is stored.
+    pub fn push_truncated(&mut self, limit: u64) {
+        let text = format!(
+            "[eventgate: the log reached its limit of {limit} bytes (--max-log-bytes); \
+             later output is not stored, the command goes on]\n"
+        );
+        self.events.push(Event {
+            kind: Kind::Truncated(limit),
             text,
             lines: 1,
         });

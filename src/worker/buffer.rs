@@ -11,6 +11,10 @@
 //!   dropped and counted. The writer takes the count with the next chunks and writes an
 //!   event saying how much was lost, in the place where it was lost.
 //!
+//! The queue also keeps the log's byte budget (`--max-log-bytes`): whole lines are
+//! admitted until it is spent; past it nothing more is queued, and the writer is handed
+//! ONE notice once everything admitted before it is out, so the notice comes last.
+//!
 //! A std `Mutex`, not a tokio one: nothing awaits while it is held.
 
 use std::collections::VecDeque;
@@ -19,6 +23,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use super::decode::count_lines;
 
 /// Which pipe of the child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -58,12 +64,23 @@ impl Dropped {
     }
 }
 
+/// Output not stored because the log reached its byte budget.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Truncated {
+    /// The budget, `--max-log-bytes`.
+    pub limit: u64,
+    pub lines: u64,
+    pub bytes: u64,
+}
+
 /// What the writer takes in one go.
 #[derive(Debug, Default)]
 pub struct Taken {
     /// Output dropped before `chunks` (and after anything taken earlier).
     pub dropped: Dropped,
     pub chunks: Vec<Chunk>,
+    /// Set once, after the last chunk that fit the budget: write the notice.
+    pub truncated: Option<u64>,
 }
 
 /// The queue; shared by the readers and the writer through an `Arc`.
@@ -76,6 +93,8 @@ pub struct Buffer {
     space_freed: Notify,
     bound: usize,
     max_stall: Duration,
+    /// Bytes of output the log may hold; 0 for no limit.
+    max_log_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -86,11 +105,16 @@ struct Inner {
     outage: bool,
     dropped: Dropped,
     dropped_total: Dropped,
+    /// Bytes admitted against `max_log_bytes`.
+    admitted: u64,
+    truncated: Option<Truncated>,
+    notice_pending: bool,
 }
 
 impl Buffer {
-    /// A queue of at most `bound` bytes fed by `readers` readers.
-    pub fn new(bound: usize, max_stall: Duration, readers: usize) -> Buffer {
+    /// A queue of at most `bound` bytes fed by `readers` readers, for a log of at
+    /// most `max_log_bytes` (0: no limit).
+    pub fn new(bound: usize, max_stall: Duration, readers: usize, max_log_bytes: u64) -> Buffer {
         Buffer {
             inner: Mutex::new(Inner {
                 chunks: VecDeque::new(),
@@ -99,11 +123,15 @@ impl Buffer {
                 outage: false,
                 dropped: Dropped::default(),
                 dropped_total: Dropped::default(),
+                admitted: 0,
+                truncated: None,
+                notice_pending: false,
             }),
             data_ready: Notify::new(),
             space_freed: Notify::new(),
             bound,
             max_stall,
+            max_log_bytes,
         }
     }
 
@@ -112,8 +140,12 @@ impl Buffer {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a chunk, waiting for room as described in the module docs.
-    pub async fn push(&self, chunk: Chunk) {
+    /// Queues a chunk, waiting for room as described in the module docs. Only the
+    /// whole lines that fit the log's budget are queued.
+    pub async fn push(&self, mut chunk: Chunk) {
+        if !self.admit(&mut chunk) {
+            return;
+        }
         let deadline = Instant::now() + self.max_stall;
         loop {
             let freed = self.space_freed.notified();
@@ -131,6 +163,58 @@ impl Buffer {
             }
             let _ = tokio::time::timeout_at(deadline, freed).await;
         }
+    }
+
+    /// Cuts `chunk` to the log's budget; false when nothing of it is to be queued.
+    fn admit(&self, chunk: &mut Chunk) -> bool {
+        if self.max_log_bytes == 0 {
+            return true;
+        }
+        let mut inner = self.lock();
+        if let Some(truncated) = &mut inner.truncated {
+            truncated.lines += chunk.lines as u64;
+            truncated.bytes += chunk.text.len() as u64;
+            return false;
+        }
+        let room = self.max_log_bytes - inner.admitted;
+        let len = chunk.text.len() as u64;
+        if len <= room {
+            inner.admitted += len;
+            return true;
+        }
+        let room = usize::try_from(room).unwrap_or(usize::MAX);
+        let keep = memchr::memrchr(b'\n', &chunk.text.as_bytes()[..room]).map_or(0, |i| i + 1);
+        let rest = &chunk.text[keep..];
+        inner.truncated = Some(Truncated {
+            limit: self.max_log_bytes,
+            lines: count_lines(rest) as u64,
+            bytes: rest.len() as u64,
+        });
+        inner.notice_pending = true;
+        inner.admitted += keep as u64;
+        drop(inner);
+        self.data_ready.notify_one();
+        chunk.text.truncate(keep);
+        chunk.lines = count_lines(&chunk.text);
+        keep > 0
+    }
+
+    /// Whether the log's budget is spent: readers need not prepare more output.
+    pub fn is_log_full(&self) -> bool {
+        self.lock().truncated.is_some()
+    }
+
+    /// Counts output a reader did not queue because the log is full.
+    pub fn not_stored(&self, text: &str) {
+        if let Some(truncated) = &mut self.lock().truncated {
+            truncated.lines += count_lines(text) as u64;
+            truncated.bytes += text.len() as u64;
+        }
+    }
+
+    /// What the budget kept out, if it was reached.
+    pub fn truncated(&self) -> Option<Truncated> {
+        self.lock().truncated
     }
 
     /// One reader is done (EOF, or abandoned).
@@ -156,7 +240,11 @@ impl Buffer {
             ready.as_mut().enable();
             {
                 let inner = self.lock();
-                if inner.bytes >= bytes || !inner.dropped.is_empty() || inner.open_readers == 0 {
+                if inner.bytes >= bytes
+                    || !inner.dropped.is_empty()
+                    || inner.notice_pending
+                    || inner.open_readers == 0
+                {
                     return;
                 }
             }
@@ -177,6 +265,7 @@ impl Buffer {
         let mut taken = Taken {
             dropped: std::mem::take(&mut inner.dropped),
             chunks: Vec::new(),
+            truncated: None,
         };
         let mut bytes = 0;
         while let Some(front) = inner.chunks.front() {
@@ -188,6 +277,9 @@ impl Buffer {
             taken.chunks.push(chunk);
         }
         inner.bytes -= bytes;
+        if inner.chunks.is_empty() && std::mem::take(&mut inner.notice_pending) {
+            taken.truncated = Some(self.max_log_bytes);
+        }
         drop(inner);
         self.space_freed.notify_waiters();
         taken
@@ -196,7 +288,10 @@ impl Buffer {
     /// Whether every reader is done and nothing is left.
     pub fn is_finished(&self) -> bool {
         let inner = self.lock();
-        inner.open_readers == 0 && inner.chunks.is_empty() && inner.dropped.is_empty()
+        inner.open_readers == 0
+            && inner.chunks.is_empty()
+            && inner.dropped.is_empty()
+            && !inner.notice_pending
     }
 
     /// Everything dropped so far.
@@ -236,7 +331,7 @@ mod tests {
 
     #[tokio::test]
     async fn drops_the_oldest_during_an_outage_and_says_so() {
-        let buffer = Buffer::new(8, Duration::from_secs(60), 1);
+        let buffer = Buffer::new(8, Duration::from_secs(60), 1, 0);
         buffer.set_outage(true);
         for text in ["aaa\n", "bbb\n", "ccc\n"] {
             buffer.push(chunk(text)).await;
@@ -249,11 +344,32 @@ mod tests {
 
     #[tokio::test]
     async fn waits_for_room_then_gives_up_after_max_stall() {
-        let buffer = Buffer::new(4, Duration::from_millis(20), 1);
+        let buffer = Buffer::new(4, Duration::from_millis(20), 1, 0);
         buffer.push(chunk("aaa\n")).await;
         buffer.push(chunk("bbb\n")).await;
         let taken = buffer.take(1024);
         assert_eq!(taken.dropped.lines, 1);
         assert_eq!(taken.chunks, vec![chunk("bbb\n")]);
+    }
+
+    #[tokio::test]
+    async fn stops_at_the_log_budget_on_a_line_and_hands_over_one_notice_last() {
+        let buffer = Buffer::new(1024, Duration::from_secs(60), 1, 10);
+        buffer.push(chunk("aaa\n")).await;
+        let mut two = chunk("bbb\nccc\n");
+        two.lines = 2;
+        buffer.push(two).await;
+        buffer.push(chunk("ddd\n")).await;
+        buffer.not_stored("eee\n");
+        assert!(buffer.is_log_full());
+        let taken = buffer.take(4);
+        assert_eq!(taken.chunks, vec![chunk("aaa\n")]);
+        assert_eq!(taken.truncated, None, "not before what fit is out");
+        let taken = buffer.take(1024);
+        assert_eq!(taken.chunks, vec![chunk("bbb\n")]);
+        assert_eq!(taken.truncated, Some(10));
+        assert_eq!(buffer.take(1024).truncated, None, "once");
+        let truncated = buffer.truncated().unwrap();
+        assert_eq!((truncated.lines, truncated.bytes), (3, 12));
     }
 }

@@ -5,12 +5,15 @@
 //!
 //! Following the bytes, from the child to the table:
 //!
-//! - `pipe`: one task per pipe reads, decodes, redacts and queues whole lines.
+//! - `pipe`: one task per pipe reads, decodes, redacts and queues whole lines;
+//!   `::add-mask::<value>` lines add secrets at run time.
 //! - `decode`: bytes to lines as a terminal shows them (UTF-8 split across reads,
 //!   invalid bytes, NUL, `\r` progress).
-//! - [`redact`]: secrets and token patterns to `[REDACTED]`.
+//! - [`redact`]: secrets (in every printed form: encoded, escaped, wrapped,
+//!   coloured) and token patterns to `[REDACTED]`.
 //! - `buffer`: the bounded queue between the pipes and the writer; drops the oldest
-//!   output, and counts it, only when the database cannot keep up.
+//!   output, and counts it, only when the database cannot keep up; stops at
+//!   `--max-log-bytes` and hands over one notice.
 //! - `batch`: chunks into events of up to `max_event_bytes`.
 //! - `writer`: batches into ONE INSERT each, paced, retried exactly once; the status.
 //!
@@ -50,7 +53,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-pub use buffer::{Dropped, Stream};
+pub use buffer::{Dropped, Stream, Truncated};
 pub use pipe::SPLIT_MARKER;
 pub use redact::{Redactor, REDACTED};
 
@@ -68,6 +71,11 @@ pub const DEFAULT_MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_MAX_STATEMENTS_PER_SEC: f64 = 20.0;
 /// Longest line stored as one; longer ones are cut with [`SPLIT_MARKER`].
 pub const DEFAULT_MAX_LINE_BYTES: usize = 32 * 1024;
+/// Most bytes of output one run stores (100 MiB, as Buildkite caps a job's log): past
+/// it the command goes on and its pipes are drained, nothing more is stored, and ONE
+/// `warn` event with `payload.kind = "notice"`, `payload.notice = "truncated"` and
+/// `payload.maxLogBytes` says so (a viewer shows it as a banner). 0: no limit.
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 100 * 1024 * 1024;
 /// Bound of the queue between the pipes and the database.
 pub const DEFAULT_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 /// Longest a pipe waits for room in a full queue while the database is up before the
@@ -152,6 +160,10 @@ pub struct Knobs {
     /// Longest line kept whole, in bytes [default: 32768].
     #[arg(long, env = "EVENTGATE_MAX_LINE_BYTES")]
     pub max_line_bytes: Option<usize>,
+    /// Most bytes of output stored; past it one notice, the command goes on; 0 for
+    /// no limit [default: 104857600].
+    #[arg(long, env = "EVENTGATE_MAX_LOG_BYTES")]
+    pub max_log_bytes: Option<u64>,
     /// Bound of the output queue in bytes [default: 16777216].
     #[arg(long, env = "EVENTGATE_BUFFER_BYTES")]
     pub buffer_bytes: Option<usize>,
@@ -201,6 +213,7 @@ impl Knobs {
                 .max_statements_per_sec
                 .unwrap_or(d.max_statements_per_sec),
             max_line_bytes: self.max_line_bytes.unwrap_or(d.max_line_bytes),
+            max_log_bytes: self.max_log_bytes.unwrap_or(d.max_log_bytes),
             buffer_bytes: self.buffer_bytes.unwrap_or(d.buffer_bytes),
             max_stall: self.max_stall.unwrap_or(d.max_stall),
             partial_line_after: self.partial_line_after.unwrap_or(d.partial_line_after),
@@ -249,6 +262,7 @@ pub struct Settings {
     pub max_batch_bytes: usize,
     pub max_statements_per_sec: f64,
     pub max_line_bytes: usize,
+    pub max_log_bytes: u64,
     pub buffer_bytes: usize,
     pub max_stall: Duration,
     pub partial_line_after: Duration,
@@ -270,6 +284,7 @@ impl Default for Settings {
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_statements_per_sec: DEFAULT_MAX_STATEMENTS_PER_SEC,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            max_log_bytes: DEFAULT_MAX_LOG_BYTES,
             buffer_bytes: DEFAULT_BUFFER_BYTES,
             max_stall: DEFAULT_MAX_STALL,
             partial_line_after: DEFAULT_PARTIAL_LINE_AFTER,
@@ -456,6 +471,7 @@ impl Worker {
             settings.buffer_bytes,
             settings.max_stall,
             2,
+            settings.max_log_bytes,
         ));
         let mut sink = writer::Sink::new(config, self.job, buffer.clone());
         let give_up_at = sink.give_up_at();
@@ -537,6 +553,13 @@ impl Worker {
         }
         if written.unstored_lines > 0 {
             detail["unstoredLines"] = json!(written.unstored_lines);
+        }
+        if let Some(truncated) = buffer.truncated() {
+            detail["truncated"] = json!({
+                "maxLogBytes": truncated.limit,
+                "lines": truncated.lines,
+                "bytes": truncated.bytes,
+            });
         }
         let status_recorded = match sink.finish(status.as_str(), &detail).await {
             Ok(()) => true,

@@ -1,7 +1,9 @@
 //! One pipe of the child: read, decode, redact, split long lines, queue.
 //!
 //! Runs as its own task per pipe, so stdout and stderr drain concurrently and neither
-//! waits for the database (only for room in the [`Buffer`]).
+//! waits for the database (only for room in the [`Buffer`]). Once the log is full
+//! (`--max-log-bytes`) it goes on reading, so the command never blocks on its pipe,
+//! and throws the output away.
 //!
 //! Redaction needs whole lines. An unfinished line is emitted early in two cases, cut
 //! with [`SPLIT_MARKER`] and with a tail held back, unredacted, with the rest of the
@@ -12,7 +14,15 @@
 //! - it sat unfinished for `partial_after` (a prompt, a progress bar): held are the
 //!   last two words (a token being printed, or `Bearer <token>`; token patterns have
 //!   no other spaces), at least the longest literal secret, and everything from a
-//!   `-----` on (a private key fence).
+//!   `-----` on (a private key fence). An `::add-mask::` line is held whole.
+//!
+//! Whole lines are held back too when a read ends in a run of base64-only lines
+//! ([`Redactor::wrapped_tail`]): a wrapped encoding may go on in the next read, and a
+//! secret's encoding cut by the wrap is only recognised with both its pieces. They go
+//! with the next read, or after `partial_after`, or at the end.
+//!
+//! A line `::add-mask::<value>` adds `value` to the secrets of both pipes before
+//! anything after it is redacted; the line is stored as `::add-mask::[REDACTED]`.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +34,7 @@ use tokio::time::Instant;
 
 use super::buffer::{Buffer, Chunk, Stream};
 use super::decode::{count_lines, Decoder};
-use super::redact::{self, Redactor};
+use super::redact::{self, Redactor, ADD_MASK, REDACTED};
 
 /// Bytes asked for per read (a pipe holds 64 KiB on Linux).
 pub const READ_SIZE: usize = 128 * 1024;
@@ -44,6 +54,18 @@ pub struct Reader {
     pub progress: Arc<AtomicU64>,
 }
 
+/// What a reader carries from one block of lines to the next.
+#[derive(Debug, Default)]
+struct Carried {
+    redact: redact::State,
+    /// Whole lines kept back (see the module docs), not yet redacted.
+    held: String,
+    /// Bytes at the start of `held` inside a secret found with the lines before.
+    covered: usize,
+    /// Inside an `::add-mask::` line too long to be held whole: its rest is hidden.
+    masking: bool,
+}
+
 /// Tells the buffer this reader is done, however the task ends (EOF, error, abort).
 struct CloseOnDrop(Arc<Buffer>);
 
@@ -58,9 +80,10 @@ impl Reader {
     pub async fn run(self, mut pipe: impl AsyncRead + Unpin) -> io::Result<()> {
         let _close = CloseOnDrop(self.buffer.clone());
         let mut decoder = Decoder::default();
-        let mut state = redact::State::default();
+        let mut carried = Carried::default();
         let mut buf = vec![0; READ_SIZE];
-        // When the unfinished line is emitted even though it has no newline yet.
+        // When the unfinished line (or held lines) are emitted even though no more
+        // output came.
         let mut partial_deadline: Option<Instant> = None;
         let result = loop {
             let read = match partial_deadline {
@@ -71,6 +94,7 @@ impl Reader {
                         Ok(read) => read,
                         Err(_) => {
                             partial_deadline = None;
+                            self.emit(String::new(), &mut carried, true).await;
                             // Not while a character is half written: more is coming.
                             let cut = if decoder.in_character() {
                                 0
@@ -78,7 +102,7 @@ impl Reader {
                                 self.timed_cut(decoder.partial())
                             };
                             if cut > 0 {
-                                self.emit_partial(&mut decoder, &mut state, cut).await;
+                                self.emit_partial(&mut decoder, &mut carried, cut).await;
                             }
                             continue;
                         }
@@ -94,14 +118,14 @@ impl Reader {
                     let mut lines = String::with_capacity(n + decoder.partial().len() + 8);
                     if decoder.feed(&buf[..n], &mut lines) > 0 {
                         partial_deadline = None;
-                        self.emit(lines, &mut state).await;
+                        self.emit(lines, &mut carried, false).await;
                     }
                     while decoder.partial().len() > self.max_line {
                         let len = decoder.partial().len();
                         let cut = self.max_line.min(len - self.overlap());
-                        self.emit_partial(&mut decoder, &mut state, cut).await;
+                        self.emit_partial(&mut decoder, &mut carried, cut).await;
                     }
-                    if decoder.partial().is_empty() {
+                    if decoder.partial().is_empty() && carried.held.is_empty() {
                         partial_deadline = None;
                     } else if partial_deadline.is_none() {
                         partial_deadline = Some(Instant::now() + self.partial_after);
@@ -112,9 +136,8 @@ impl Reader {
             }
         };
         let mut last = String::new();
-        if decoder.finish(&mut last) > 0 {
-            self.emit(last, &mut state).await;
-        }
+        decoder.finish(&mut last);
+        self.emit(last, &mut carried, true).await;
         result
     }
 
@@ -126,6 +149,10 @@ impl Reader {
 
     /// Where an unfinished line that waited too long may be cut (see the module docs).
     fn timed_cut(&self, partial: &str) -> usize {
+        let start = partial.trim_start();
+        if start.starts_with(ADD_MASK) || ADD_MASK.starts_with(start) {
+            return 0;
+        }
         let mut cut = partial
             .len()
             .saturating_sub(self.redactor.longest_literal());
@@ -147,13 +174,54 @@ impl Reader {
         cut
     }
 
-    /// Queues whole lines.
-    async fn emit(&self, lines: String, state: &mut redact::State) {
-        let lines = match self.redactor.redact(&lines, state) {
-            Some(redacted) => redacted,
-            None => lines,
+    /// Queues whole lines after the held ones; keeps back a wrapped tail unless
+    /// `last` (no more lines are coming soon).
+    async fn emit(&self, lines: String, carried: &mut Carried, last: bool) {
+        if self.buffer.is_log_full() {
+            self.buffer.not_stored(&carried.held);
+            self.buffer.not_stored(&lines);
+            carried.held.clear();
+            return;
+        }
+        let lines = self.masked(lines, carried);
+        let mut text = if carried.held.is_empty() {
+            lines
+        } else {
+            let mut text = std::mem::take(&mut carried.held);
+            text.push_str(&lines);
+            text
         };
-        let text = split_long_lines(lines, self.max_line);
+        if text.is_empty() {
+            return;
+        }
+        let cut = if last {
+            text.len()
+        } else {
+            text.len() - self.redactor.wrapped_tail(&text)
+        };
+        let mut ranges = self.redactor.ranges(&text, &mut carried.redact);
+        if carried.covered > 0 {
+            ranges.push(0..carried.covered);
+            ranges = redact::merge(ranges);
+        }
+        carried.covered = 0;
+        let mut emitted = Vec::with_capacity(ranges.len());
+        for range in ranges.into_iter().take_while(|r| r.start < cut) {
+            if range.end > cut {
+                carried.covered = range.end - cut;
+                emitted.push(range.start..cut);
+            } else {
+                emitted.push(range);
+            }
+        }
+        carried.held = text.split_off(cut);
+        if text.is_empty() {
+            return;
+        }
+        if !emitted.is_empty() {
+            text = redact::apply(&text, &emitted);
+        }
+        let text = split_long_lines(text, self.max_line);
         let chunk = Chunk {
             stream: self.stream,
             lines: count_lines(&text),
@@ -162,32 +230,90 @@ impl Reader {
         self.buffer.push(chunk).await;
     }
 
+    /// `lines` with each `::add-mask::<value>` line's value added to the secrets and
+    /// hidden (and the rest of an over-long one that was cut).
+    fn masked(&self, lines: String, carried: &mut Carried) -> String {
+        let continues = carried.masking;
+        if !continues && memchr::memmem::find(lines.as_bytes(), ADD_MASK.as_bytes()).is_none() {
+            return lines;
+        }
+        let mut out = String::with_capacity(lines.len() + 64);
+        for line in lines.split_inclusive('\n') {
+            let newline = if line.ends_with('\n') { "\n" } else { "" };
+            if carried.masking {
+                carried.masking = newline.is_empty();
+                out.push_str(REDACTED);
+                out.push_str(newline);
+                continue;
+            }
+            let Some(value) = redact::add_mask_value(line.trim_end_matches('\n')) else {
+                out.push_str(line);
+                continue;
+            };
+            let note = match self.redactor.add(&value) {
+                Ok(()) => String::new(),
+                Err(redact::Refused::TooShort) => format!(
+                    " [eventgate: not masked elsewhere: shorter than {} characters]",
+                    redact::MIN_SECRET_CHARS
+                ),
+                Err(redact::Refused::TooMany) => format!(
+                    " [eventgate: not masked: more than {} masks]",
+                    redact::MAX_ADDED_MASKS
+                ),
+            };
+            let command_end = line.find(ADD_MASK).expect("a mask line") + ADD_MASK.len();
+            out.push_str(&line[..command_end]);
+            out.push_str(REDACTED);
+            out.push_str(&note);
+            out.push_str(newline);
+        }
+        out
+    }
+
     /// Queues the first `cut` bytes (or less) of the unfinished line as a piece.
-    async fn emit_partial(&self, decoder: &mut Decoder, state: &mut redact::State, cut: usize) {
+    async fn emit_partial(&self, decoder: &mut Decoder, carried: &mut Carried, cut: usize) {
+        // The held lines come before this piece.
+        self.emit(String::new(), carried, true).await;
         let partial = decoder.partial();
         let mut cut = floor_char_boundary(partial, cut.min(partial.len()));
-        // Never cut through a secret: emit up to its start (or past it if it starts
-        // the piece; it is then redacted whole).
-        let mut probe = *state;
-        if let Some(secret) = self
-            .redactor
-            .ranges(partial, &mut probe)
-            .into_iter()
-            .find(|r| r.start < cut && cut < r.end)
-        {
-            cut = if secret.start > 0 {
-                secret.start
-            } else {
-                secret.end
-            };
-        }
-        if cut == 0 {
+        if self.buffer.is_log_full() {
+            self.buffer.not_stored(&partial[..cut]);
+            decoder.drain_partial(cut);
             return;
         }
-        let head = &partial[..cut];
-        let mut piece = match self.redactor.redact(head, state) {
-            Some(redacted) => redacted,
-            None => head.to_string(),
+        let mut piece = if carried.masking || partial.trim_start().starts_with(ADD_MASK) {
+            // An over-long `::add-mask::` line: too long to be a secret we can look
+            // for, but never stored in clear.
+            let head = match partial.find(ADD_MASK) {
+                Some(at) if !carried.masking => &partial[..at + ADD_MASK.len()],
+                _ => "",
+            };
+            carried.masking = true;
+            format!("{head}{REDACTED}")
+        } else {
+            // Never cut through a secret: emit up to its start (or past it if it
+            // starts the piece; it is then redacted whole).
+            let mut probe = carried.redact;
+            if let Some(secret) = self
+                .redactor
+                .ranges(partial, &mut probe)
+                .into_iter()
+                .find(|r| r.start < cut && cut < r.end)
+            {
+                cut = if secret.start > 0 {
+                    secret.start
+                } else {
+                    secret.end
+                };
+            }
+            if cut == 0 {
+                return;
+            }
+            let head = &partial[..cut];
+            match self.redactor.redact(head, &mut carried.redact) {
+                Some(redacted) => redacted,
+                None => head.to_string(),
+            }
         };
         piece.push_str(SPLIT_MARKER);
         piece.push('\n');
@@ -200,7 +326,6 @@ impl Reader {
         self.buffer.push(chunk).await;
     }
 }
-
 /// Cuts lines longer than `max` bytes into pieces ending in [`SPLIT_MARKER`].
 pub fn split_long_lines(text: String, max: usize) -> String {
     let mut start = 0;
@@ -255,7 +380,7 @@ mod tests {
         partial_after: Duration,
         writes: &[&str],
     ) -> String {
-        let buffer = Arc::new(Buffer::new(1 << 20, Duration::from_secs(1), 1));
+        let buffer = Arc::new(Buffer::new(1 << 20, Duration::from_secs(1), 1, 0));
         let reader = Reader {
             stream: Stream::Stdout,
             redactor: Arc::new(redactor),
@@ -320,6 +445,51 @@ mod tests {
             text,
             format!("Progress: step {m}\none two done\nauth {m}\nBearer [REDACTED] ok\n")
         );
+    }
+
+    #[tokio::test]
+    async fn a_wrapped_encoding_cut_at_a_read_and_at_its_wrap_is_redacted_on_both_lines() {
+        use base64::Engine;
+        let secret = "s3cr3t value/with+chars";
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{}{secret}", "x".repeat(40)));
+        // The secret's encoding starts at column 54 and crosses the wrap at 76; the
+        // first line comes alone in its own read.
+        let first = format!("{}\n", &encoded[..76]);
+        let second = format!("{}\n", &encoded[76..]);
+        let text = read_through(Redactor::new([secret]), 4096, &[&first, &second]).await;
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].ends_with(redact::REDACTED), "{text}");
+        assert!(lines[1].starts_with(redact::REDACTED), "{text}");
+        assert_eq!(&lines[0][..50], &encoded[..50], "the rest stays");
+    }
+
+    #[tokio::test]
+    async fn add_mask_hides_its_value_then_and_later_on() {
+        let writes = [
+            "before masked-value-1\n::add-mask::masked-value-1\nsame read masked-value-1\n",
+            "later masked-value-1 and masked%2Dvalue%2D1\n::add-mask::abc\nabc\n",
+        ];
+        let text = read_through(Redactor::new(Vec::<String>::new()), 4096, &writes).await;
+        let r = redact::REDACTED;
+        assert_eq!(
+            text,
+            format!(
+                "before {r}\n::add-mask::{r}\nsame read {r}\nlater {r} and {r}\n\
+                 ::add-mask::{r} [eventgate: not masked elsewhere: shorter than 6 characters]\n\
+                 abc\n"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn an_add_mask_line_longer_than_a_line_is_never_stored_in_clear() {
+        let value = "v".repeat(1000);
+        let line = format!("::add-mask::{value}\nnext\n");
+        let text = read_through(Redactor::new(Vec::<String>::new()), 256, &[&line]).await;
+        assert!(!text.contains("vvvv"), "{text}");
+        assert!(text.ends_with("next\n"), "{text}");
     }
 
     #[test]

@@ -268,11 +268,18 @@ impl Rows {
             let (stream, level) = match event.kind {
                 Kind::Log(Stream::Stdout) => (Stream::Stdout, "info"),
                 Kind::Log(Stream::Stderr) => (Stream::Stderr, stderr_level),
-                Kind::Dropped(_) => (Stream::Stderr, "warn"),
+                Kind::Dropped(_) | Kind::Truncated(_) => (Stream::Stderr, "warn"),
             };
             let mut payload = Map::new();
-            payload.insert("kind".into(), json!("log"));
-            payload.insert("stream".into(), json!(stream.as_str()));
+            if let Kind::Truncated(limit) = event.kind {
+                // A viewer shows it as a banner, not as a line of the command's.
+                payload.insert("kind".into(), json!("notice"));
+                payload.insert("notice".into(), json!("truncated"));
+                payload.insert("maxLogBytes".into(), json!(limit));
+            } else {
+                payload.insert("kind".into(), json!("log"));
+                payload.insert("stream".into(), json!(stream.as_str()));
+            }
             if let Some(stage) = &labels.stage {
                 payload.insert("stage".into(), json!(stage));
             }
@@ -288,7 +295,7 @@ impl Rows {
                     "dropped".into(),
                     json!({"lines": dropped.lines, "bytes": dropped.bytes}),
                 );
-            } else {
+            } else if let Kind::Log(_) = event.kind {
                 rows.lines += event.lines as u64;
             }
             rows.ids.push(Uuid::new_v4());
@@ -357,6 +364,9 @@ pub async fn write_loop(
         }
         for chunk in &taken.chunks {
             batcher.push(chunk);
+        }
+        if let Some(limit) = taken.truncated {
+            batcher.push_truncated(limit);
         }
         let rows = Rows::new(batcher.take(), &labels, stderr_level);
         if rows.is_empty() {

@@ -630,3 +630,113 @@ pub async fn last_seq(client: &tokio_postgres::Client, job: Uuid) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// A fresh database on the shared server with NOTHING applied (for tests that build a
+/// layout of their own first); returns its URL.
+pub async fn empty_database() -> String {
+    let server = tokio::task::spawn_blocking(shared).await.unwrap();
+    let name = format!("t_{}", Uuid::new_v4().simple());
+    let admin = eventgate::db::connect(&server.admin_url()).await.unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    server.url_for(&name)
+}
+
+/// Everything `migrate` could change, as text: columns (types, nullability, defaults),
+/// indexes, constraints, triggers, functions, enum types, and every row's version
+/// (`xmin`, `ctid`) of the two tables. Equal snapshots mean nothing was changed.
+pub async fn catalog_snapshot(client: &tokio_postgres::Client, with_rows: bool) -> String {
+    let mut parts: Vec<String> = client
+        .query(
+            "SELECT x FROM ( \
+               SELECT 'col ' || table_name || '.' || column_name || ' #' || ordinal_position \
+                      || ' ' || data_type || ' ' || udt_name || ' null=' || is_nullable \
+                      || ' default=' || coalesce(column_default, '-') \
+                      || ' len=' || coalesce(character_maximum_length::text, '-') AS x \
+                 FROM information_schema.columns WHERE table_schema = current_schema() \
+               UNION ALL SELECT 'idx ' || indexdef FROM pg_indexes \
+                 WHERE schemaname = current_schema() \
+               UNION ALL SELECT 'con ' || conrelid::regclass::text || ' ' || conname || ' ' \
+                      || pg_get_constraintdef(oid) || ' valid=' || convalidated \
+                 FROM pg_constraint WHERE connamespace = current_schema()::regnamespace \
+               UNION ALL SELECT 'trg ' || pg_get_triggerdef(oid) FROM pg_trigger \
+                 WHERE NOT tgisinternal \
+               UNION ALL SELECT 'fn ' || proname || ' ' || md5(prosrc) FROM pg_proc \
+                 WHERE pronamespace = current_schema()::regnamespace \
+               UNION ALL SELECT 'typ ' || t.typname || ' ' || \
+                      (SELECT string_agg(enumlabel, ',' ORDER BY enumsortorder) \
+                         FROM pg_enum WHERE enumtypid = t.oid) \
+                 FROM pg_type t \
+                 WHERE t.typnamespace = current_schema()::regnamespace AND t.typtype = 'e' \
+               UNION ALL SELECT 'rel ' || relname || ' ' || relkind::text FROM pg_class \
+                 WHERE relnamespace = current_schema()::regnamespace \
+             ) s ORDER BY x",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if with_rows {
+        for table in ["agent_jobs", "agent_job_events"] {
+            let row = client
+                .query_one(
+                    &format!(
+                        "SELECT count(*)::text || ' ' || coalesce(md5(string_agg( \
+                             t.xmin::text || t.ctid::text || to_jsonb(t)::text, ',' \
+                             ORDER BY t.ctid)), '-') FROM {table} t"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap();
+            parts.push(format!("rows {table} {}", row.get::<_, String>(0)));
+        }
+    }
+    parts.join("\n")
+}
+
+/// Each job's events as `(id, seq, line, message)` in seq order.
+pub async fn events_by_seq(
+    client: &tokio_postgres::Client,
+    job: Uuid,
+) -> Vec<(Uuid, i64, i64, String)> {
+    client
+        .query(
+            "SELECT id, seq, line, message FROM agent_job_events WHERE job_id = $1 ORDER BY seq",
+            &[&job],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+/// seqs 1..=n without a gap, lines from 1 without a gap (an event of k lines takes k
+/// numbers), and the job's counters at the end.
+pub async fn assert_numbered(client: &tokio_postgres::Client, job: Uuid) -> usize {
+    let events = events_by_seq(client, job).await;
+    let mut next_line = 1;
+    for (i, (_, seq, line, message)) in events.iter().enumerate() {
+        assert_eq!(*seq, i as i64 + 1, "seqs of job {job} are gap-free");
+        assert_eq!(
+            *line, next_line,
+            "lines of job {job} are gap-free at seq {seq}"
+        );
+        next_line += message.split('\n').count() as i64;
+    }
+    let row = client
+        .query_one(
+            "SELECT last_seq, last_line FROM agent_jobs WHERE id = $1",
+            &[&job],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), events.len() as i64, "last_seq");
+    assert_eq!(row.get::<_, i64>(1), next_line - 1, "last_line");
+    events.len()
+}

@@ -214,3 +214,43 @@ pub fn final_status(events: &[Stored]) -> &Value {
     assert_eq!(last.kind(), "status", "the status event comes last");
     &last.payload
 }
+
+/// `value` percent-encoded, keeping ASCII alphanumerics and the bytes of `keep` (each
+/// URL encoder keeps its own set).
+pub fn percent_encoded(value: &str, keep: &str) -> String {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || keep.as_bytes().contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Everything a reader could decode out of `text` as base64: each run of base64
+/// characters at each of its four alignments, decoded (lossy), joined by `|`.
+pub fn base64_decodings(text: &str) -> String {
+    use base64::Engine;
+    let engines = [
+        base64::engine::general_purpose::STANDARD_NO_PAD,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    let mut out = String::new();
+    let runs = text.split(|c: char| !(c.is_ascii_alphanumeric() || "+/-_".contains(c)));
+    for run in runs {
+        for skip in 0..4.min(run.len()) {
+            let part = &run[skip..];
+            let part = &part[..part.len() / 4 * 4];
+            for engine in &engines {
+                if let Ok(bytes) = engine.decode(part) {
+                    out.push_str(&String::from_utf8_lossy(&bytes));
+                    out.push('|');
+                }
+            }
+        }
+    }
+    out
+}
