@@ -33,15 +33,26 @@ pub(super) async fn get(app: &App, id: Uuid) -> Result<Response<Body>> {
     }
 }
 
+/// A new job, in this gateway's shape `{id?, name, status?, payload?}` or the original
+/// system's `{type, priority=0, payload={}, affinityKey?, maxAttempts>=1 (3)}`;
+/// camelCase or snake_case; unknown fields ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 struct CreateJob {
     id: Option<Uuid>,
     #[serde(default)]
-    name: String,
+    name: Option<String>,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
     status: Option<String>,
     #[serde(default)]
     payload: Option<serde_json::Value>,
+    #[serde(default)]
+    priority: Option<i32>,
+    #[serde(default, alias = "affinity_key")]
+    affinity_key: Option<String>,
+    #[serde(default, alias = "max_attempts")]
+    max_attempts: Option<i32>,
 }
 
 pub(super) async fn create<B: RequestBody>(
@@ -61,15 +72,49 @@ pub(super) async fn create<B: RequestBody>(
             .parse::<JobStatus>()
             .map_err(|_| ApiError::bad_request("invalid_status", "unknown job status"))?,
     };
-    let payload = body.payload.unwrap_or_else(|| json!({}));
+    let payload = match body.payload {
+        None | Some(serde_json::Value::Null) => json!({}),
+        Some(payload) => payload,
+    };
     if !payload.is_object() {
         return Err(ApiError::bad_request(
             "invalid_body",
             "payload must be an object",
         ));
     }
+    if body.max_attempts.is_some_and(|n| n < 1) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "maxAttempts must be at least 1",
+        ));
+    }
+    // The original's columns; on a table without them they are ignored.
+    let mut columns = serde_json::Map::new();
+    if let Some(kind) = &body.kind {
+        columns.insert("type".into(), json!(kind));
+    }
+    if let Some(priority) = body.priority {
+        columns.insert("priority".into(), json!(priority));
+    }
+    if let Some(key) = &body.affinity_key {
+        columns.insert("affinity_key".into(), json!(key));
+    }
+    if let Some(n) = body.max_attempts {
+        columns.insert("max_attempts".into(), json!(n));
+    }
+    let name = body.name.or(body.kind).unwrap_or_default();
+    let columns = serde_json::Value::Object(columns);
     let client = app.pool.get().await?;
-    match store::create_job(&**client, body.id, &body.name, status.as_str(), &payload).await {
+    let created = store::create_job_with(
+        &**client,
+        body.id,
+        &name,
+        status.as_str(),
+        &payload,
+        &columns,
+    )
+    .await;
+    match created {
         Ok(job) => Ok(json_response(StatusCode::CREATED, &job)),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
             Err(ApiError::new(
