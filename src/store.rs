@@ -182,6 +182,25 @@ pub async fn create_job_with(
     job_from_row(&row)
 }
 
+/// The columns of jobs beyond [`Job`]'s (on the original system's table: `type`,
+/// `priority`, `attempt`, `max_attempts`, `affinity_key`, `claimed_by`, ...), by job,
+/// keyed by column name; empty objects on eventgate's own table.
+pub async fn job_columns(
+    client: &impl tokio_postgres::GenericClient,
+    ids: &[Uuid],
+) -> Result<Vec<(Uuid, serde_json::Value)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT id, to_jsonb(j) - ARRAY['id', 'name', 'status', 'payload', 'created_at', \
+                 'updated_at', 'started_at', 'finished_at', 'last_seq', 'last_line', \
+                 'notified_at'] \
+             FROM agent_jobs j WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// Sets a job's status; the triggers record the change as a status event in the same
 /// transaction. The value is parsed with the column's own type, so this works on the
 /// original system's enum `agentjobstatus` as on text. Returns whether the job exists.

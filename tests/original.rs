@@ -58,6 +58,31 @@ async fn original_shapes(url: &str) {
         .unwrap()
         .get(0);
     if stored.get("priority").is_some() {
+        // The job's JSON carries the original's fields in camelCase.
+        assert_eq!(
+            (
+                &job["type"],
+                &job["priority"],
+                &job["maxAttempts"],
+                &job["attempt"]
+            ),
+            (&json!("codex_exec"), &json!(5), &json!(2), &json!(1))
+        );
+        assert_eq!(job["affinityKey"], "k1");
+        let listed = get(a, "/api/queue/jobs").await.unwrap().json();
+        let listed = listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == job["id"])
+            .cloned()
+            .unwrap();
+        assert_eq!(listed["maxAttempts"], 2);
+        let one = get(a, &format!("/api/queue/jobs/{id}"))
+            .await
+            .unwrap()
+            .json();
+        assert_eq!(one["priority"], 5);
         assert_eq!(stored["type"], "codex_exec");
         assert_eq!(stored["priority"], 5);
         assert_eq!(stored["max_attempts"], 2);

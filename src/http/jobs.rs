@@ -1,5 +1,7 @@
 //! `/api/queue/jobs` and `/api/queue/jobs/{id}`: the job list, one job, a new job.
 
+use std::collections::HashMap;
+
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
@@ -10,7 +12,7 @@ use super::error::{ApiError, Result};
 use super::query::JobsQuery;
 use super::App;
 use crate::auth::{Failure, Grant};
-use crate::model::JobStatus;
+use crate::model::{Job, JobStatus};
 use crate::store;
 
 pub(super) async fn list<B>(app: &App, req: &Request<B>, grant: &Grant) -> Result<Response<Body>> {
@@ -22,13 +24,59 @@ pub(super) async fn list<B>(app: &App, req: &Request<B>, grant: &Grant) -> Resul
         // A token for some jobs lists only those.
         items.retain(|job| grant.covers(job.id));
     }
+    let items = with_columns(&**client, &items).await?;
     Ok(json_response(StatusCode::OK, &json!({ "items": items })))
+}
+
+/// Jobs as JSON with the table's other columns (the original's `type`, `priority`,
+/// `attempt`, `maxAttempts`, ...) added in camelCase; the fields of [`Job`] unchanged.
+async fn with_columns(
+    client: &impl tokio_postgres::GenericClient,
+    jobs: &[Job],
+) -> Result<Vec<serde_json::Value>> {
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
+    let columns: HashMap<Uuid, serde_json::Value> = store::job_columns(client, &ids)
+        .await?
+        .into_iter()
+        .collect();
+    let mut out = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let mut value = serde_json::to_value(job).expect("a job always serializes");
+        if let (Some(fields), Some(serde_json::Value::Object(extra))) =
+            (value.as_object_mut(), columns.get(&job.id))
+        {
+            for (name, v) in extra {
+                fields.entry(camel_case(name)).or_insert_with(|| v.clone());
+            }
+        }
+        out.push(value);
+    }
+    Ok(out)
+}
+
+fn camel_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut upper = false;
+    for c in name.chars() {
+        match c {
+            '_' => upper = true,
+            c if upper => {
+                out.extend(c.to_uppercase());
+                upper = false;
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 pub(super) async fn get(app: &App, id: Uuid) -> Result<Response<Body>> {
     let client = app.pool.get().await?;
     match store::get_job(&**client, id).await? {
-        Some(job) => Ok(json_response(StatusCode::OK, &job)),
+        Some(job) => {
+            let job = with_columns(&**client, &[job]).await?;
+            Ok(json_response(StatusCode::OK, &job[0]))
+        }
         None => Err(ApiError::job_not_found()),
     }
 }
@@ -115,7 +163,10 @@ pub(super) async fn create<B: RequestBody>(
     )
     .await;
     match created {
-        Ok(job) => Ok(json_response(StatusCode::CREATED, &job)),
+        Ok(job) => {
+            let job = with_columns(&**client, &[job]).await?;
+            Ok(json_response(StatusCode::CREATED, &job[0]))
+        }
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
             Err(ApiError::new(
                 StatusCode::CONFLICT,

@@ -177,7 +177,11 @@ async fn bad_bodies_are_400_or_413() {
         ("/api/queue/jobs", r#"{"status": "done"}"#, "invalid_status"),
         ("/api/queue/jobs", r#"{"payload": []}"#, "invalid_body"),
         // Unknown fields are ignored, not refused; a bad value of a known one is not.
-        ("/api/queue/jobs", r#"{"type": "t", "maxAttempts": 0}"#, "invalid_body"),
+        (
+            "/api/queue/jobs",
+            r#"{"type": "t", "maxAttempts": 0}"#,
+            "invalid_body",
+        ),
         ("/api/queue/jobs", r#"{"priority": "high"}"#, "invalid_body"),
         (
             &events,
