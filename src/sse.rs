@@ -104,8 +104,40 @@ fn write_event(buf: &mut BytesMut, event: &Event) {
     buf.put_slice(b"id: ");
     buf.put_slice(event.seq.to_string().as_bytes());
     buf.put_slice(b"\nevent: queue_event\ndata: ");
-    serde_json::to_writer((&mut *buf).writer(), event).expect("an event always serializes");
+    write_json(buf, event);
     buf.put_slice(b"\n\n");
+}
+
+/// JSON on one line, with U+2028, U+2029 and U+0085 escaped (`\u2028` ...): clients
+/// that split lines on them would otherwise cut a `data:` line. These characters only
+/// occur inside JSON strings, where the escape means the same character.
+fn write_json(buf: &mut BytesMut, value: &impl Serialize) {
+    let json = serde_json::to_vec(value).expect("json always serializes");
+    let mut rest = &json[..];
+    while let Some(i) = rest
+        .windows(2)
+        .position(|w| w == [0xE2, 0x80] || w == [0xC2, 0x85])
+    {
+        let escape: Option<&[u8]> = match &rest[i..] {
+            [0xE2, 0x80, 0xA8, ..] => Some(b"\\u2028"),
+            [0xE2, 0x80, 0xA9, ..] => Some(b"\\u2029"),
+            [0xC2, 0x85, ..] => Some(b"\\u0085"),
+            _ => None,
+        };
+        let taken = match escape {
+            Some(escape) => {
+                buf.put_slice(&rest[..i]);
+                buf.put_slice(escape);
+                i + if rest[i] == 0xC2 { 2 } else { 3 }
+            }
+            None => {
+                buf.put_slice(&rest[..i + 2]);
+                i + 2
+            }
+        };
+        rest = &rest[taken..];
+    }
+    buf.put_slice(rest);
 }
 
 /// `retry: <ms>`: how long a browser waits before reconnecting.
@@ -119,7 +151,7 @@ pub fn named_frame(event: &str, data: &impl Serialize) -> Bytes {
     buf.put_slice(b"event: ");
     buf.put_slice(event.as_bytes());
     buf.put_slice(b"\ndata: ");
-    serde_json::to_writer((&mut buf).writer(), data).expect("json always serializes");
+    write_json(&mut buf, data);
     buf.put_slice(b"\n\n");
     buf.freeze()
 }
@@ -156,6 +188,25 @@ mod tests {
              \"message\":\"a\\nb\",\"payload\":{\"kind\": \"log\"},\
              \"createdAt\":\"2026-01-01T00:00:00.000000Z\"}\n\n"
         );
+    }
+
+    #[test]
+    fn line_separators_are_escaped() {
+        let batch = Batch::encode(
+            &[event(1, "a\u{2028}b\u{2029}c\u{85}d\u{2027}", "{}")],
+            true,
+        );
+        let bytes = batch.after(0).unwrap();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(
+            text.contains("\"message\":\"a\\u2028b\\u2029c\\u0085d\u{2027}\""),
+            "{text}"
+        );
+        let data = text.lines().nth(2).unwrap().strip_prefix("data: ").unwrap();
+        let back: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(back["message"], "a\u{2028}b\u{2029}c\u{85}d\u{2027}");
+        let named = named_frame("x", &serde_json::json!({"m": "\u{2028}"}));
+        assert_eq!(&named[..], b"event: x\ndata: {\"m\":\"\\u2028\"}\n\n");
     }
 
     #[test]

@@ -151,6 +151,20 @@ pub async fn create_job(
     status: &str,
     payload: &serde_json::Value,
 ) -> Result<Job, tokio_postgres::Error> {
+    create_job_with(client, id, name, status, payload, &serde_json::json!({})).await
+}
+
+/// [`create_job`] with `columns`, a JSON object by column name (the original's `type`,
+/// `priority`, `max_attempts`, `affinity_key`, ...), that overrides the defaults where
+/// the table has the column; other keys are ignored.
+pub async fn create_job_with(
+    client: &impl tokio_postgres::GenericClient,
+    id: Option<Uuid>,
+    name: &str,
+    status: &str,
+    payload: &serde_json::Value,
+    columns: &serde_json::Value,
+) -> Result<Job, tokio_postgres::Error> {
     let id = id.unwrap_or_else(Uuid::new_v4);
     let sql = format!(
         "INSERT INTO agent_jobs AS j \
@@ -159,13 +173,32 @@ pub async fn create_job(
              'status', $3::text, 'payload', $4::jsonb, \
              'priority', 0, 'attempt', 1, 'max_attempts', 3, \
              'created_at', now(), 'updated_at', now(), 'last_seq', 0, 'last_line', 0, \
-             'started_at', CASE WHEN $3::text = 'running' THEN now() END)) \
+             'started_at', CASE WHEN $3::text = 'running' THEN now() END) || $5::jsonb) \
          RETURNING {JOB_COLUMNS}"
     );
     let row = client
-        .query_one(&sql, &[&id, &name, &status, payload])
+        .query_one(&sql, &[&id, &name, &status, payload, columns])
         .await?;
     job_from_row(&row)
+}
+
+/// The columns of jobs beyond [`Job`]'s (on the original system's table: `type`,
+/// `priority`, `attempt`, `max_attempts`, `affinity_key`, `claimed_by`, ...), by job,
+/// keyed by column name; empty objects on eventgate's own table.
+pub async fn job_columns(
+    client: &impl tokio_postgres::GenericClient,
+    ids: &[Uuid],
+) -> Result<Vec<(Uuid, serde_json::Value)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT id, to_jsonb(j) - ARRAY['id', 'name', 'status', 'payload', 'created_at', \
+                 'updated_at', 'started_at', 'finished_at', 'last_seq', 'last_line', \
+                 'notified_at'] \
+             FROM agent_jobs j WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Sets a job's status; the triggers record the change as a status event in the same
@@ -283,6 +316,43 @@ pub async fn events_before(
     let mut events: Vec<Event> = rows.iter().map(event_from_row).collect::<Result<_, _>>()?;
     events.reverse();
     Ok(events)
+}
+
+/// The last `limit` events with `after < seq < before`, newest first (`sort=desc`).
+pub async fn events_desc(
+    client: &deadpool_postgres::Client,
+    job_id: Uuid,
+    after: i64,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Event>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM agent_job_events \
+         WHERE job_id = $1 AND seq > $2 AND ($3::int8 IS NULL OR seq < $3) \
+         ORDER BY seq DESC LIMIT $4"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    let rows = client
+        .query(&stmt, &[&job_id, &after, &before, &limit])
+        .await?;
+    rows.iter().map(event_from_row).collect()
+}
+
+/// The first seq of events created at or after a time (the original `before` cursor
+/// without an event id); `None` when there is none.
+pub async fn seq_from_time(
+    client: &deadpool_postgres::Client,
+    job_id: Uuid,
+    before: &str,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT min(seq) FROM agent_job_events \
+             WHERE job_id = $1 AND created_at >= $2::text::timestamptz",
+            &[&job_id, &before],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// The seq of an event given by id (the original API's `afterEventId` cursor).

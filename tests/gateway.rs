@@ -142,7 +142,10 @@ async fn many_subscribers_get_identical_streams_with_exact_bytes() {
     let n = last_seq(&db, job).await;
     for sse in subscribers.iter_mut() {
         assert_exact(&seqs(&sse.until_seq(n).await), 1, n);
-        assert_eq!(sse.header("content-type"), Some("text/event-stream"));
+        assert_eq!(
+            sse.header("content-type"),
+            Some("text/event-stream; charset=utf-8")
+        );
         assert_eq!(sse.header("cache-control"), Some("no-cache, no-transform"));
         assert_eq!(sse.header("x-accel-buffering"), Some("no"));
     }
@@ -968,7 +971,7 @@ async fn event_streams_follow_http1_and_keep_their_connection_usable() {
     );
     assert_eq!(
         header(&headers, "content-type").as_deref(),
-        Some("text/event-stream")
+        Some("text/event-stream; charset=utf-8")
     );
     assert_eq!(header(&headers, "content-length"), None);
     let first = conn.read_chunk().await.unwrap().unwrap();

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::body::{json_response, read_json, Body, RequestBody};
 use super::error::{ApiError, Result};
-use super::query::PageQuery;
+use super::query::{Original, PageQuery};
 use super::App;
 use crate::model::{Level, NewEvent};
 use crate::store;
@@ -16,9 +16,12 @@ use crate::store;
 /// Most events in one append.
 const MAX_APPEND: usize = 10_000;
 
+/// One event, in this gateway's shape or the original system's (`workerId`, kept as
+/// `payload.workerId`); camelCase or snake_case; unknown fields ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct AppendEvent {
+    #[serde(default, alias = "worker_id", rename = "workerId")]
+    worker_id: Option<serde_json::Value>,
     #[serde(default)]
     level: Option<String>,
     message: String,
@@ -60,12 +63,18 @@ pub(super) async fn append<B: RequestBody>(
                 ApiError::bad_request("invalid_body", "level must be info, warn or error")
             })?,
         };
-        let payload = event.payload.unwrap_or_else(|| json!({}));
-        if !payload.is_object() {
+        let mut payload = match event.payload {
+            None | Some(serde_json::Value::Null) => json!({}),
+            Some(payload) => payload,
+        };
+        let Some(fields) = payload.as_object_mut() else {
             return Err(ApiError::bad_request(
                 "invalid_body",
                 "payload must be an object",
             ));
+        };
+        if let Some(worker) = event.worker_id.filter(|w| !w.is_null()) {
+            fields.entry("workerId").or_insert(worker);
         }
         if event.message.len() > app.config.max_message {
             return Err(ApiError::new(
@@ -122,56 +131,42 @@ fn strip_nul(value: serde_json::Value) -> serde_json::Value {
 }
 
 pub(super) async fn page<B>(app: &App, id: Uuid, req: &Request<B>) -> Result<Response<Body>> {
-    let PageQuery {
-        limit,
-        after_seq,
-        before_seq,
-        after_event_id,
-        after_time,
-        line,
-    } = PageQuery::parse(req, app.config.max_page)?;
-    let after_time = after_time.as_deref();
+    let query = PageQuery::parse(req, app.config.max_page)?;
+    let limit = query.limit;
 
     let client = app.pool.get().await?;
     let Some((status, _)) = store::job_cursor(&client, id).await? else {
         return Err(ApiError::job_not_found());
     };
     // `line=N`: the page starts at the event holding line N (or the log's start).
-    let after_seq = match line {
+    let line_start = match query.line {
         Some(line) => Some(
             store::seq_of_line(&**client, id, line)
                 .await?
                 .map_or(0, |s| s - 1),
         ),
-        None => after_seq,
+        None => None,
     };
-    // The original cursor: an event id (exact), else a timestamp.
-    let after = match (after_seq, after_event_id, after_time) {
-        (Some(seq), _, _) => Some(seq),
-        (None, Some(event), _) => match store::seq_of_event(&client, id, event).await? {
-            Some(seq) => Some(seq),
-            None => match after_time {
-                Some(t) => Some(seq_at_time(&client, id, t).await?),
-                None => {
-                    return Err(ApiError::bad_request(
-                        "invalid_cursor",
-                        "afterEventId is not an event of this job",
-                    ))
-                }
-            },
-        },
-        (None, None, Some(t)) => Some(seq_at_time(&client, id, t).await?),
-        (None, None, None) => None,
+    let after = match line_start.or(query.after_seq) {
+        Some(seq) => Some(seq),
+        None => seq_after(&client, id, &query.after).await?,
+    };
+    let before = match query.before_seq {
+        Some(seq) => Some(seq),
+        None => seq_before(&client, id, &query.before).await?,
     };
     app.metrics.table_read_page();
-    let items = match (after, before_seq) {
+    let items = match (after, before) {
+        _ if query.descending => {
+            store::events_desc(&client, id, after.unwrap_or(0), before, limit).await?
+        }
         // Only an upper bound: the newest page below it (a log's tail, then older pages).
         (None, Some(before)) => store::events_before(&client, id, before, limit).await?,
         (after, before) => {
             store::events_after(&client, id, after.unwrap_or(0), before, limit).await?
         }
     };
-    let next_after = items.last().map(|e| e.seq).or(after).unwrap_or(0);
+    let next_after = items.iter().map(|e| e.seq).max().or(after).unwrap_or(0);
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -182,12 +177,64 @@ pub(super) async fn page<B>(app: &App, id: Uuid, req: &Request<B>) -> Result<Res
     ))
 }
 
-async fn seq_at_time(client: &deadpool_postgres::Client, id: Uuid, t: &str) -> Result<i64> {
-    match store::seq_at_time(client, id, t).await {
-        Ok(seq) => Ok(seq),
-        Err(e) if e.code().is_some_and(|c| c.code().starts_with("22")) => Err(
-            ApiError::bad_request("invalid_cursor", "after must be an ISO 8601 timestamp"),
-        ),
+/// The seq the original cursor `after` + `afterEventId` stands for: the event's own
+/// (exact), else the last event created at or before `after`; `None` when unset.
+pub(super) async fn seq_after(
+    client: &deadpool_postgres::Client,
+    id: Uuid,
+    cursor: &Original,
+) -> Result<Option<i64>> {
+    if let Some(event) = cursor.event {
+        if let Some(seq) = store::seq_of_event(client, id, event).await? {
+            return Ok(Some(seq));
+        }
+    }
+    match (&cursor.time, cursor.event) {
+        (Some(t), _) => Ok(Some(at_time(store::seq_at_time(client, id, t).await)?)),
+        (None, Some(_)) => Err(ApiError::bad_request(
+            "invalid_cursor",
+            "afterEventId is not an event of this job",
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The seq the original cursor `before` + `beforeEventId` stands for: the event's own
+/// (exact), else the first event created at or after `before` (past the end when there
+/// is none); `None` when unset.
+async fn seq_before(
+    client: &deadpool_postgres::Client,
+    id: Uuid,
+    cursor: &Original,
+) -> Result<Option<i64>> {
+    if let Some(event) = cursor.event {
+        if let Some(seq) = store::seq_of_event(client, id, event).await? {
+            return Ok(Some(seq));
+        }
+    }
+    match (&cursor.time, cursor.event) {
+        (Some(t), _) => {
+            let seq = at_time(store::seq_from_time(client, id, t).await)?;
+            Ok(Some(seq.unwrap_or(i64::MAX)))
+        }
+        (None, Some(_)) => Err(ApiError::bad_request(
+            "invalid_cursor",
+            "beforeEventId is not an event of this job",
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A time cursor PostgreSQL could not read is the client's mistake.
+fn at_time<T>(read: std::result::Result<T, tokio_postgres::Error>) -> Result<T> {
+    match read {
+        Ok(value) => Ok(value),
+        Err(e) if e.code().is_some_and(|c| c.code().starts_with("22")) => {
+            Err(ApiError::bad_request(
+                "invalid_cursor",
+                "after and before must be ISO 8601 timestamps",
+            ))
+        }
         Err(e) => Err(e.into()),
     }
 }

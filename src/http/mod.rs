@@ -69,7 +69,8 @@ pub(crate) enum Route<'a> {
     EventsStream(&'a str),
     /// `/api/queue/jobs/{id}/log`
     Log(&'a str),
-    /// Anything else under `/api/queue/jobs/`: no method is allowed there.
+    /// Anything else under `/api/queue/jobs/` (`/artifacts`, `/live-session`, ...):
+    /// not a route of this gateway, 404.
     OtherJobs,
     /// Outside `/api/`: the dashboard's pages and files.
     Page,
@@ -96,6 +97,20 @@ impl<'a> Route<'a> {
             },
             _ if !path.starts_with("/api/") => Route::Page,
             _ => Route::NotFound,
+        }
+    }
+
+    /// The methods this route answers (the `Allow` of a 405); empty when it is no route.
+    pub(crate) fn allowed(self) -> &'static str {
+        match self {
+            Route::Health | Route::Ready | Route::Metrics => "GET",
+            Route::Jobs | Route::Events(_) => "GET, POST",
+            Route::JobsStream
+            | Route::Job(_)
+            | Route::EventsStream(_)
+            | Route::Log(_)
+            | Route::Page => "GET",
+            Route::OtherJobs | Route::NotFound => "",
         }
     }
 
@@ -214,12 +229,22 @@ async fn route<B: RequestBody>(
             log::serve(app, id, &req, peer, &grant).await
         }
         (&Method::GET, Route::Page) => web::serve(&path),
-        (_, Route::Page | Route::NotFound) => Err(ApiError::not_found("no such route")),
-        (_, _) => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{method} is not allowed here"),
-        )),
+        (_, Route::Page | Route::OtherJobs | Route::NotFound) => {
+            Err(ApiError::not_found("no such route"))
+        }
+        (_, route) => {
+            let mut res = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed here"),
+            )
+            .response(None);
+            res.headers_mut().insert(
+                header::ALLOW,
+                header::HeaderValue::from_static(route.allowed()),
+            );
+            Ok(res)
+        }
     }
 }
 

@@ -80,16 +80,47 @@ impl JobsQuery {
     }
 }
 
-/// `GET /api/queue/jobs/{id}/events?afterSeq=&beforeSeq=&limit=`, and the original
-/// system's cursors `after` (a timestamp) and `afterEventId`.
+/// The original system's cursor: an event (`afterEventId`, `beforeEventId`) and its
+/// `createdAt` (`after`, `before`; ISO 8601, checked by PostgreSQL when it is used).
+/// Either part may be missing; the event, when it is this job's, wins.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Original {
+    pub event: Option<Uuid>,
+    pub time: Option<String>,
+}
+
+impl Original {
+    fn parse(q: &Params, time: &str, event: &str) -> Result<Original> {
+        let event_id = q
+            .text(event)
+            .map(|v| {
+                Uuid::parse_str(v).map_err(|_| {
+                    ApiError::bad_request("invalid_cursor", format!("{event} must be a uuid"))
+                })
+            })
+            .transpose()?;
+        Ok(Original {
+            event: event_id,
+            time: q.text(time).map(str::to_string),
+        })
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.event.is_some() || self.time.is_some()
+    }
+}
+
+/// `GET /api/queue/jobs/{id}/events?afterSeq=&beforeSeq=&limit=&sort=`, and the original
+/// system's cursors `after` + `afterEventId`, `before` + `beforeEventId`.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct PageQuery {
     pub limit: i64,
     pub after_seq: Option<i64>,
     pub before_seq: Option<i64>,
-    pub after_event_id: Option<Uuid>,
-    /// ISO 8601, checked by PostgreSQL when it is used.
-    pub after_time: Option<String>,
+    pub after: Original,
+    pub before: Original,
+    /// `sort=desc`: the newest `limit` events of the range, newest first.
+    pub descending: bool,
     /// `line=N`: the page starts at the event holding line N.
     pub line: Option<i64>,
 }
@@ -105,36 +136,60 @@ impl PageQuery {
                 format!("limit must be 1..{max_page}"),
             ));
         }
-        let after_seq = q.int("afterSeq")?;
-        let before_seq = q.int("beforeSeq")?;
-        let after_event_id = q
-            .text("afterEventId")
-            .map(|v| {
-                Uuid::parse_str(v).map_err(|_| {
-                    ApiError::bad_request("invalid_cursor", "afterEventId must be a uuid")
-                })
-            })
-            .transpose()?;
-        let after_time = q.text("after").map(str::to_string);
-        let line = q.int("line")?;
+        let descending = match q.text("sort") {
+            None | Some("asc") => false,
+            Some("desc") => true,
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "invalid_sort",
+                    "sort must be asc or desc",
+                ))
+            }
+        };
         Ok(PageQuery {
             limit,
-            after_seq,
-            before_seq,
-            after_event_id,
-            after_time,
-            line,
+            after_seq: q.int("afterSeq")?,
+            before_seq: q.int("beforeSeq")?,
+            after: Original::parse(&q, "after", "afterEventId")?,
+            before: Original::parse(&q, "before", "beforeEventId")?,
+            descending,
+            line: q.int("line")?,
         })
     }
 }
 
-/// Where an event stream resumes: `Last-Event-ID`, else `?afterSeq=`, else the start.
-pub(super) fn stream_cursor<B>(req: &Request<B>) -> Result<i64> {
+/// Where an event stream resumes.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum StreamCursor {
+    /// After this seq (`Last-Event-ID`, `?afterSeq=`, or 0: the start).
+    Seq(i64),
+    /// After the original system's cursor, `?after=` + `afterEventId=`.
+    Original(Original),
+}
+
+/// Where an event stream resumes: `Last-Event-ID`, else `?afterSeq=`, else `?after=` +
+/// `afterEventId=`, else the start.
+pub(super) fn stream_cursor<B>(req: &Request<B>) -> Result<StreamCursor> {
+    let q = Params::of(req);
+    if let Some(seq) = last_event_id(req)? {
+        return Ok(StreamCursor::Seq(seq));
+    }
+    if let Some(seq) = q.int("afterSeq")? {
+        return Ok(StreamCursor::Seq(seq));
+    }
+    let original = Original::parse(&q, "after", "afterEventId")?;
+    if original.is_set() {
+        return Ok(StreamCursor::Original(original));
+    }
+    Ok(StreamCursor::Seq(0))
+}
+
+fn last_event_id<B>(req: &Request<B>) -> Result<Option<i64>> {
     if let Some(value) = req.headers().get("last-event-id") {
         let text = value.to_str().unwrap_or("\u{FFFD}").trim();
         if !text.is_empty() {
             return match text.parse::<i64>() {
-                Ok(n) if n >= 0 => Ok(n),
+                Ok(n) if n >= 0 => Ok(Some(n)),
                 _ => Err(ApiError::bad_request(
                     "invalid_last_event_id",
                     "Last-Event-ID must be a non-negative integer",
@@ -142,7 +197,7 @@ pub(super) fn stream_cursor<B>(req: &Request<B>) -> Result<i64> {
             };
         }
     }
-    Ok(Params::of(req).int("afterSeq")?.unwrap_or(0))
+    Ok(None)
 }
 
 /// A job id from the path.
@@ -190,11 +245,28 @@ mod tests {
                 limit: 10,
                 after_seq: Some(3),
                 before_seq: None,
-                after_event_id: None,
-                after_time: None,
+                after: Original::default(),
+                before: Original::default(),
+                descending: false,
                 line: None,
             }
         );
+        let id = Uuid::now_v7();
+        let page = PageQuery::parse(
+            &req(&format!(
+                "before=2026-01-01T00:00:00Z&beforeEventId={id}&sort=desc"
+            )),
+            1000,
+        )
+        .unwrap();
+        assert_eq!(
+            page.before,
+            Original {
+                event: Some(id),
+                time: Some("2026-01-01T00:00:00Z".into())
+            }
+        );
+        assert!(page.descending);
         assert_eq!(
             PageQuery::parse(&req(""), 1000).unwrap().limit,
             DEFAULT_PAGE
@@ -206,10 +278,36 @@ mod tests {
             ("afterSeq=-1", "invalid_cursor"),
             ("beforeSeq=1.5", "invalid_cursor"),
             ("afterEventId=nope", "invalid_cursor"),
+            ("beforeEventId=nope", "invalid_cursor"),
+            ("sort=up", "invalid_sort"),
         ] {
             let e = PageQuery::parse(&req(query), 1000).unwrap_err();
             assert!(e.to_string().contains(status), "{query}: {e}");
         }
+    }
+
+    #[test]
+    fn stream_cursors_in_order() {
+        let id = Uuid::now_v7();
+        let original = format!("after=2026-01-01T00:00:00Z&afterEventId={id}");
+        let with = |query: &str, last: Option<&str>| {
+            let mut b = Request::builder().uri(format!("/x?{query}"));
+            if let Some(last) = last {
+                b = b.header("last-event-id", last);
+            }
+            stream_cursor(&b.body(()).unwrap()).unwrap()
+        };
+        let both = format!("afterSeq=4&{original}");
+        assert_eq!(with(&both, Some("9")), StreamCursor::Seq(9));
+        assert_eq!(with(&both, None), StreamCursor::Seq(4));
+        assert_eq!(
+            with(&original, None),
+            StreamCursor::Original(Original {
+                event: Some(id),
+                time: Some("2026-01-01T00:00:00Z".into())
+            })
+        );
+        assert_eq!(with("", None), StreamCursor::Seq(0));
     }
 
     #[test]

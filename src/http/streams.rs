@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::body::{empty, Body};
 use super::error::{ApiError, Result};
-use super::query::stream_cursor;
+use super::query::{stream_cursor, StreamCursor};
 use super::App;
 use crate::auth::Grant;
 use crate::hub::Start;
@@ -20,7 +20,7 @@ use crate::stream;
 /// The head every event stream answers with.
 fn sse_response(body: Body) -> Response<Body> {
     Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
         .header(header::CACHE_CONTROL, "no-cache, no-transform")
         .header("x-accel-buffering", "no")
         .body(body)
@@ -35,7 +35,16 @@ pub(super) async fn events<B>(
     peer: SocketAddr,
     grant: &Grant,
 ) -> Result<Response<Body>> {
-    let cursor = stream_cursor(req)?;
+    let cursor = match stream_cursor(req)? {
+        StreamCursor::Seq(seq) => seq,
+        StreamCursor::Original(original) => {
+            let client = app.pool.get().await?;
+            // As polling: an event id that is not this job's, without a time, is 400.
+            super::events::seq_after(&client, id, &original)
+                .await?
+                .unwrap_or(0)
+        }
+    };
     let Some(slot) = app.slots.take(peer.ip()) else {
         app.metrics.streams_refused.inc();
         return Err(ApiError::new(

@@ -176,7 +176,13 @@ async fn bad_bodies_are_400_or_413() {
         ("/api/queue/jobs", "{", "invalid_body"),
         ("/api/queue/jobs", r#"{"status": "done"}"#, "invalid_status"),
         ("/api/queue/jobs", r#"{"payload": []}"#, "invalid_body"),
-        ("/api/queue/jobs", r#"{"colour": "red"}"#, "invalid_body"),
+        // Unknown fields are ignored, not refused; a bad value of a known one is not.
+        (
+            "/api/queue/jobs",
+            r#"{"type": "t", "maxAttempts": 0}"#,
+            "invalid_body",
+        ),
+        ("/api/queue/jobs", r#"{"priority": "high"}"#, "invalid_body"),
         (
             &events,
             r#"{"message": "x", "level": "loud"}"#,
@@ -205,13 +211,22 @@ async fn wrong_methods_are_405_and_unknown_routes_404() {
         ("POST", "/metrics"),
         ("POST", "/api/queue/jobs/stream"),
         ("DELETE", &format!("/api/queue/jobs/{JOB}") as &str),
-        ("GET", "/api/queue/jobs/a/b/c/d"),
     ] {
         let res = call(&app, method, uri, &[], "").await;
         assert_eq!(res.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
         assert_eq!(res.code(), "method_not_allowed");
+        let allow = res.headers[header::ALLOW].to_str().unwrap();
+        assert!(allow.contains("GET") && !allow.contains(method), "{allow}");
     }
-    for (method, uri) in [("GET", "/api/nope"), ("POST", "/"), ("GET", "/nope.html")] {
+    let artifacts = format!("/api/queue/jobs/{JOB}/artifacts");
+    for (method, uri) in [
+        ("GET", "/api/nope"),
+        ("POST", "/"),
+        ("GET", "/nope.html"),
+        ("GET", "/api/queue/jobs/a/b/c/d"),
+        ("GET", &artifacts as &str),
+        ("POST", &artifacts),
+    ] {
         let res = call(&app, method, uri, &[], "").await;
         assert_eq!(res.status, StatusCode::NOT_FOUND, "{method} {uri}");
         assert_eq!(res.code(), "not_found");

@@ -1,7 +1,7 @@
 //! The database side: one connection, batches out of the buffer, retries, and the
 //! job's status.
 //!
-//! A batch is ONE `INSERT ... SELECT FROM unnest(...)` statement, so the job gets one
+//! A batch is ONE `INSERT ... SELECT FROM jsonb_populate_recordset(...)` statement, so the job gets one
 //! NOTIFY per batch. A batch goes when `max_batch` bytes are waiting or `linger` after
 //! its first line, but never sooner than `1 / max_statements_per_sec` after the
 //! previous statement.
@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
@@ -26,6 +27,7 @@ use super::buffer::{Buffer, Stream};
 use super::{Labels, Settings};
 use crate::backoff::Backoff;
 use crate::db::is_connection_error;
+use crate::store;
 use crate::Error;
 
 /// Attempts at a batch that fails for a reason other than the connection (a constraint,
@@ -34,9 +36,12 @@ const QUERY_ATTEMPTS: u32 = 3;
 /// Wait after such a failure, times the failures so far.
 const QUERY_RETRY: Duration = Duration::from_millis(100);
 
+/// `jsonb_populate_recordset` gives each value the column's type, so this works on the
+/// original system's enum `level` as on text.
 const INSERT: &str = "INSERT INTO agent_job_events (id, job_id, level, message, payload) \
-     SELECT i, $1, l, m, p FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[]) \
-         WITH ORDINALITY AS t(i, l, m, p, n) ORDER BY n";
+     SELECT r.id, $1, r.level, r.message, r.payload \
+     FROM jsonb_populate_recordset(NULL::agent_job_events, $2::jsonb) \
+         WITH ORDINALITY AS r ORDER BY r.ordinality";
 
 /// One connection to the database, remade when lost.
 pub struct Sink {
@@ -122,28 +127,24 @@ impl Sink {
             let attempt = async {
                 let client = self.client().await?;
                 if create {
-                    client
-                        .execute(
-                            "INSERT INTO agent_jobs (id, name) VALUES ($1, $2) \
-                             ON CONFLICT (id) DO NOTHING",
-                            &[&job, &name],
-                        )
-                        .await?;
+                    // On either schema (the original's required columns get defaults).
+                    let created =
+                        store::create_job(&*client, Some(job), name, "queued", &json!({})).await;
+                    match created {
+                        Ok(_) => {}
+                        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
-                client
-                    .execute(
-                        "UPDATE agent_jobs SET status = 'running' WHERE id = $1",
-                        &[&job],
-                    )
-                    .await
+                store::set_job_status(&*client, job, "running").await
             };
             match attempt.await {
-                Ok(0) => {
+                Ok(false) => {
                     return Err(Error::config(format!(
                         "job {job} does not exist (pass --create to create it)"
                     )))
                 }
-                Ok(_) => {
+                Ok(true) => {
                     self.recovered();
                     return Ok(());
                 }
@@ -175,16 +176,7 @@ impl Sink {
                     }
                 }
                 client
-                    .execute(
-                        INSERT,
-                        &[
-                            &job,
-                            &rows.ids,
-                            &rows.levels,
-                            &rows.messages,
-                            &rows.payloads,
-                        ],
-                    )
+                    .execute(INSERT, &[&job, &rows.json()])
                     .await
                     .map(drop)
             };
@@ -226,11 +218,7 @@ impl Sink {
                     &[&detail],
                 )
                 .await?;
-                tx.execute(
-                    "UPDATE agent_jobs SET status = $2 WHERE id = $1",
-                    &[&job, &status],
-                )
-                .await?;
+                store::set_job_status(&tx, job, status).await?;
                 tx.commit().await
             };
             match attempt.await {
@@ -298,7 +286,8 @@ impl Rows {
             } else if let Kind::Log(_) = event.kind {
                 rows.lines += event.lines as u64;
             }
-            rows.ids.push(Uuid::new_v4());
+            // Time-ordered (UUIDv7, monotonic within this process): ids sort as seqs.
+            rows.ids.push(Uuid::now_v7());
             rows.levels.push(level);
             let mut message = event.text;
             if message.ends_with('\n') {
@@ -312,6 +301,21 @@ impl Rows {
 
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
+    }
+
+    /// The rows as the JSON array the INSERT reads, in order.
+    fn json(&self) -> tokio_postgres::types::Json<Vec<Value>> {
+        let rows = (0..self.ids.len())
+            .map(|i| {
+                json!({
+                    "id": self.ids[i],
+                    "level": self.levels[i],
+                    "message": self.messages[i],
+                    "payload": self.payloads[i],
+                })
+            })
+            .collect();
+        tokio_postgres::types::Json(rows)
     }
 }
 

@@ -740,3 +740,43 @@ pub async fn assert_numbered(client: &tokio_postgres::Client, job: Uuid) -> usiz
     assert_eq!(row.get::<_, i64>(1), next_line - 1, "last_line");
     events.len()
 }
+
+/// The original system's two tables (enum status and level, app-made ids, no seq),
+/// reduced to the columns that matter here, in a fresh database, adopted by
+/// `eventgate migrate`; returns its URL. (tests/adopt.rs builds the full layout.)
+pub async fn adopted_database() -> String {
+    let url = empty_database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    db.batch_execute(
+        "CREATE TYPE agentjobstatus AS ENUM \
+             ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'dead_letter'); \
+         CREATE TABLE agent_jobs ( \
+             id uuid NOT NULL PRIMARY KEY, \
+             type varchar(64) NOT NULL, \
+             status agentjobstatus NOT NULL DEFAULT 'queued', \
+             priority integer NOT NULL DEFAULT 0, \
+             payload jsonb NOT NULL, \
+             affinity_key varchar(255), \
+             attempt integer NOT NULL, \
+             max_attempts integer NOT NULL, \
+             started_at timestamptz, \
+             finished_at timestamptz, \
+             created_at timestamptz NOT NULL DEFAULT now(), \
+             updated_at timestamptz NOT NULL DEFAULT now()); \
+         CREATE TYPE agentjobeventlevel AS ENUM ('info', 'warn', 'error'); \
+         CREATE TABLE agent_job_events ( \
+             id uuid NOT NULL PRIMARY KEY, \
+             job_id uuid NOT NULL REFERENCES agent_jobs (id) ON DELETE CASCADE, \
+             level agentjobeventlevel NOT NULL, \
+             message text NOT NULL, \
+             payload jsonb, \
+             created_at timestamptz NOT NULL DEFAULT now(), \
+             updated_at timestamptz NOT NULL DEFAULT now()); \
+         CREATE INDEX ix_agent_job_events_job_id_created_at \
+             ON agent_job_events (job_id, created_at);",
+    )
+    .await
+    .unwrap();
+    eventgate::db::migrate(&url).await.unwrap();
+    url
+}
