@@ -1,9 +1,14 @@
 //! Past the NOTIFY lock: write batches per second and commit-to-receive latency with
 //! W writers over 1,000 jobs (fsync on), for
 //!   (a) `always`: one NOTIFY per statement (the naive design),
-//!   (b) `debounced`: the default (per-job and global NOTIFY debounce, plus the
-//!       gateway's counter poll, every 20 ms by default),
+//!   (b) `debounced`: the default (sql/0006: at once below the quiet rate, else the
+//!       per-job and global NOTIFY debounce, plus the gateway's counter poll, every
+//!       20 ms by default),
 //!   (c) `ceiling`: no NOTIFY and no gateway at all: the database's own write ceiling,
+//!   (d) `reference`: the same rows, columns and values into a plain table whose only
+//!       index is the `(job_id, seq)` primary key, seqs and lines from ONE counter
+//!       UPDATE per statement, no trigger, no foreign key, no NOTIFY, no gateway: what
+//!       PostgreSQL itself can write (issue 15's goal: (b) >= 0.9x (d)),
 //! in one run. `cargo bench --bench notify [-- --quick]`.
 //!
 //! The gateway is the release binary (`eventgate serve`) in a process of its own, as in
@@ -35,10 +40,32 @@ const JOBS: usize = 1000;
 const WRITERS: usize = 16;
 const ROWS_PER_BATCH: i32 = 10;
 const SUBSCRIBED_JOBS: usize = 100;
-const MODES: [&str; 3] = ["always", "debounced", "ceiling"];
+const MODES: [&str; 4] = ["always", "debounced", "ceiling", "reference"];
 /// Modes that take (b) apart, only with `--modes`: the debounced trigger without a
 /// gateway, and a gateway delivering `notify = off` writes with its counter poll alone.
 const PARTS: [&str; 2] = ["trigger-only", "poll-only"];
+
+/// The reference of issue 15: the same columns, only the `(job_id, seq)` primary key,
+/// counters in a table of their own (no foreign key), no trigger.
+const REFERENCE_SCHEMA: &str = "\
+    CREATE TABLE IF NOT EXISTS bench_reference_jobs (\
+        id uuid PRIMARY KEY, last_seq bigint NOT NULL DEFAULT 0, \
+        last_line bigint NOT NULL DEFAULT 0); \
+    CREATE TABLE IF NOT EXISTS bench_reference_events (\
+        id uuid NOT NULL, job_id uuid NOT NULL, seq bigint NOT NULL, line bigint NOT NULL, \
+        level text NOT NULL, message text NOT NULL, payload jsonb NOT NULL, \
+        created_at timestamptz NOT NULL, PRIMARY KEY (job_id, seq))";
+
+/// One statement of `$3` rows for job `$1`: one counter UPDATE, then the rows.
+const REFERENCE_INSERT: &str = "\
+    WITH c AS (UPDATE bench_reference_jobs \
+                  SET last_seq = last_seq + $3::int, last_line = last_line + $3::int \
+                WHERE id = $1 RETURNING last_seq - $3::int AS seq0, last_line - $3::int AS line0) \
+    INSERT INTO bench_reference_events \
+        (id, job_id, seq, line, level, message, payload, created_at) \
+    SELECT gen_random_uuid(), $1, c.seq0 + g, c.line0 + g, 'info', $2, \
+           '{\"kind\": \"log\", \"stream\": \"stdout\"}', clock_timestamp() \
+      FROM c, generate_series(1, $3::int) g";
 
 fn now_us() -> u64 {
     SystemTime::now()
@@ -83,6 +110,10 @@ struct Summary {
     of_ceiling: f64,
     /// Lowest and highest of those ratios.
     of_ceiling_range: (f64, f64),
+    /// The same against the `reference` table, and each round's ratio.
+    of_reference: f64,
+    of_reference_range: (f64, f64),
+    reference_ratios: Vec<f64>,
     notifications: u64,
     reads_per_batch: f64,
     polls_per_s: f64,
@@ -157,6 +188,7 @@ fn main() {
     let outcomes = rt.block_on(async {
         eventgate::db::migrate(&url).await.unwrap();
         let db = eventgate::db::connect(&url).await.unwrap();
+        db.batch_execute(REFERENCE_SCHEMA).await.unwrap();
         let mut jobs = Vec::with_capacity(JOBS);
         for _ in 0..JOBS {
             let id = Uuid::new_v4();
@@ -166,6 +198,9 @@ fn main() {
             )
             .await
             .unwrap();
+            db.execute("INSERT INTO bench_reference_jobs (id) VALUES ($1)", &[&id])
+                .await
+                .unwrap();
             jobs.push(id);
         }
         let postmaster: i32 = db
@@ -215,11 +250,17 @@ fn main() {
 /// Each mode's rounds as one summary: median rates and ratios, CPU averaged, counts
 /// summed, latencies pooled.
 fn summarize(plan: &Plan, outcomes: Vec<(usize, Outcome)>) -> Vec<Summary> {
-    let ceiling_of = |round: usize| {
+    let rate_of = |round: usize, mode: &str| {
         outcomes
             .iter()
-            .find(|(r, o)| *r == round && o.mode == "ceiling")
+            .find(|(r, o)| *r == round && o.mode == mode)
             .map(|(_, o)| o.batches_per_s)
+    };
+    let range = |ratios: &[f64]| {
+        (
+            ratios.iter().copied().fold(f64::NAN, f64::min),
+            ratios.iter().copied().fold(f64::NAN, f64::max),
+        )
     };
     let mut out = Vec::new();
     for mode in &plan.modes {
@@ -228,7 +269,11 @@ fn summarize(plan: &Plan, outcomes: Vec<(usize, Outcome)>) -> Vec<Summary> {
         let rates: Vec<f64> = mine.iter().map(|(_, o)| o.batches_per_s).collect();
         let ratios: Vec<f64> = mine
             .iter()
-            .filter_map(|(r, o)| Some(o.batches_per_s / ceiling_of(*r)?))
+            .filter_map(|(r, o)| Some(o.batches_per_s / rate_of(*r, "ceiling")?))
+            .collect();
+        let reference_ratios: Vec<f64> = mine
+            .iter()
+            .filter_map(|(r, o)| Some(o.batches_per_s / rate_of(*r, "reference")?))
             .collect();
         let mean = |f: &dyn Fn(&Outcome) -> f64| {
             mine.iter().map(|(_, o)| f(o)).sum::<f64>() / mine.len() as f64
@@ -250,10 +295,10 @@ fn summarize(plan: &Plan, outcomes: Vec<(usize, Outcome)>) -> Vec<Summary> {
             mode,
             batches_per_s: median(&rates),
             of_ceiling: median(&ratios),
-            of_ceiling_range: (
-                ratios.iter().copied().fold(f64::NAN, f64::min),
-                ratios.iter().copied().fold(f64::NAN, f64::max),
-            ),
+            of_ceiling_range: range(&ratios),
+            of_reference: median(&reference_ratios),
+            of_reference_range: range(&reference_ratios),
+            reference_ratios,
             notifications: mine.iter().map(|(_, o)| o.notifications).sum(),
             reads_per_batch: reads as f64 / batches.max(1) as f64,
             polls_per_s: polls as f64
@@ -340,7 +385,7 @@ async fn run_mode(
     plan: &Plan,
 ) -> Outcome {
     // The gateway, for the modes that deliver.
-    let gateway = if mode == "ceiling" || mode == "trigger-only" {
+    let gateway = if matches!(mode, "ceiling" | "trigger-only" | "reference") {
         None
     } else {
         Some(Gateway::start(url, plan.counter_poll.as_deref()).await)
@@ -405,14 +450,14 @@ async fn run_mode(
                 _ => "SELECT 1",
             };
             client.batch_execute(setting).await.unwrap();
-            let stmt = client
-                .prepare(
-                    "INSERT INTO agent_job_events (job_id, level, message, payload) \
-                     SELECT $1, 'info', $2, '{\"kind\": \"log\", \"stream\": \"stdout\"}' \
-                     FROM generate_series(1, $3::int)",
-                )
-                .await
-                .unwrap();
+            let sql = if mode == "reference" {
+                REFERENCE_INSERT
+            } else {
+                "INSERT INTO agent_job_events (job_id, level, message, payload) \
+                 SELECT $1, 'info', $2, '{\"kind\": \"log\", \"stream\": \"stdout\"}' \
+                 FROM generate_series(1, $3::int)"
+            };
+            let stmt = client.prepare(sql).await.unwrap();
             let mut rng = fastrand::Rng::with_seed(w as u64);
             // (job, send time, commit acknowledged), for the latency from the commit.
             let mut acks = Vec::new();
@@ -685,7 +730,9 @@ fn report(plan: &Plan, summaries: &[Summary], load_before: f64, load_after: f64,
          fsync on, {SUBSCRIBED_JOBS} jobs with a subscriber, the gateway a release `eventgate serve` \
          process of its own. The modes take turns in a rotating order, {} round(s) of {} s each, \
          in one run. Rate: median over the rounds; of ceiling: median over the rounds of the rate \
-         divided by the same round's ceiling (lowest-highest in brackets); CPU in % of one core, \
+         divided by the same round's ceiling (lowest-highest in brackets); of reference: the same against the \
+         `reference` table (issue 15's plain table: only the (job_id, seq) key, one counter \
+         UPDATE per statement, no trigger, FK, NOTIFY or gateway); CPU in % of one core, \
          averaged over the rounds' write windows; NOTIFYs and deliveries summed; reads/batch: \
          the gateway's live reads (after a notification, or a poll that found events) per \
          write batch of all 1,000 jobs; latencies pooled, from the writer's send (so the \
@@ -693,18 +740,21 @@ fn report(plan: &Plan, summaries: &[Summary], load_before: f64, load_after: f64,
          writer's receipt of the commit instead. 1-minute load average: \
          {load_before:.2} before the run, {load_mean:.2} on average at the end of the windows \
          (max {load_max:.2}), {load_after:.2} after.\n\n\
-         | mode | write batches/s | of ceiling | NOTIFYs | reads/batch | polls/s | deliveries | gaps | p50 ms | p99 ms | max ms | p99 ms from commit | gateway CPU | postgres CPU | bench CPU | machine busy |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | mode | write batches/s | of ceiling | of reference | NOTIFYs | reads/batch | polls/s | deliveries | gaps | p50 ms | p99 ms | max ms | p99 ms from commit | gateway CPU | postgres CPU | bench CPU | machine busy |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         plan.rounds, plan.seconds,
     );
     for s in summaries {
         md.push_str(&format!(
-            "| {} | {:.0} | {:.1} % ({:.0}-{:.0}) | {} | {:.3} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} % | {:.0} % | {:.0} % | {:.0} % |\n",
+            "| {} | {:.0} | {:.1} % ({:.0}-{:.0}) | {:.1} % ({:.0}-{:.0}) | {} | {:.3} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} % | {:.0} % | {:.0} % | {:.0} % |\n",
             s.mode,
             s.batches_per_s,
             100.0 * s.of_ceiling,
             100.0 * s.of_ceiling_range.0,
             100.0 * s.of_ceiling_range.1,
+            100.0 * s.of_reference,
+            100.0 * s.of_reference_range.0,
+            100.0 * s.of_reference_range.1,
             s.notifications,
             s.reads_per_batch,
             s.polls_per_s,
@@ -718,6 +768,21 @@ fn report(plan: &Plan, summaries: &[Summary], load_before: f64, load_after: f64,
             s.postgres_cpu,
             s.bench_cpu,
             s.machine_busy,
+        ));
+    }
+    if let Some(s) = summaries.iter().find(|s| s.mode == "debounced") {
+        let rounds: Vec<String> = s
+            .reference_ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect();
+        md.push_str(&format!(
+            "\nThe project's schema with live delivery (`debounced`) against the reference \
+             table, per round: {}; median {:.2}x (goal >= 0.9x); p99 commit-to-receive of \
+             the followed jobs {:.1} ms (goal <= 50).\n",
+            rounds.join(", "),
+            s.of_reference,
+            pct(&s.ack_latencies_us, 0.99),
         ));
     }
     println!("{md}");

@@ -35,6 +35,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0005_seq_index_and_checks.sql",
         include_str!("../sql/0005_seq_index_and_checks.sql"),
     ),
+    (
+        "0006_adaptive_notify.sql",
+        include_str!("../sql/0006_adaptive_notify.sql"),
+    ),
 ];
 
 /// The first line of a migration that runs outside a transaction.

@@ -1,4 +1,5 @@
-//! Debounced and suppressed NOTIFY (sql/0002): fewer notifications, same delivery.
+//! Debounced and suppressed NOTIFY (sql/0002), adaptive (sql/0006): at once when quiet,
+//! fewer notifications when busy, the same delivery.
 
 mod common;
 
@@ -180,7 +181,11 @@ async fn many_busy_jobs_share_a_global_notification_budget() {
         futures::future::join_all(jobs.iter().map(|j| Sse::job(gw.addr, *j, None))).await;
 
     // Each job's first statement: per job, every one is due; globally, at most one per
-    // 10 ms may notify.
+    // 10 ms may notify. (An explicit global interval: 0003's fixed rule, without the
+    // quiet-rate meter of 0006, which would let a burst of first statements through.)
+    db.batch_execute("SET eventgate.notify_global_interval = '10ms'")
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     for job in &jobs {
         insert(&db, *job, 1, "first").await;
@@ -303,4 +308,81 @@ async fn the_counter_poll_reads_past_its_page_and_across_jobs_in_one_query() {
     assert_exact(&seqs(&streams[0].until_seq(255).await), 1, 255);
     assert_exact(&seqs(&streams[1].until_seq(3).await), 1, 3);
     assert!(gw.metric("eventgate_counter_polls_total").await > polls_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_statements_of_many_jobs_each_notify_at_once() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let mut jobs = Vec::new();
+    for _ in 0..30 {
+        jobs.push(create_job(&db).await);
+    }
+    let (_listener, mut rx) = listen(&url).await;
+
+    // One statement per job, a few milliseconds apart: far below the quiet rate, so
+    // none waits for the global interval of 0003 (which let at most one per 10 ms by).
+    for job in &jobs {
+        insert(&db, *job, 1, "lone").await;
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+    let got = next_notifications(&mut rx, jobs.len()).await;
+    assert_eq!(
+        got,
+        jobs.iter().map(|j| format!("{j}:1")).collect::<Vec<_>>(),
+        "each lone statement notified, with its hint"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(drain(&mut rx).is_empty(), "one notification per statement");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_quiet_rate_a_burst_is_coalesced_and_every_event_delivered() {
+    let url = database().await;
+    let gw = Gateway::start(&url).await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let mut jobs = Vec::new();
+    for _ in 0..20 {
+        jobs.push(create_job(&db).await);
+    }
+    let (_listener, mut rx) = listen(&url).await;
+    let mut streams =
+        futures::future::join_all(jobs.iter().map(|j| Sse::job(gw.addr, *j, None))).await;
+
+    // A threshold of 5 statements a second, which one session writing in a loop passes
+    // at once: from then on the statements share 0003's budget.
+    let busy = eventgate::db::connect(&url).await.unwrap();
+    busy.batch_execute("SET eventgate.notify_quiet_rate = '5'")
+        .await
+        .unwrap();
+    let rounds = 10;
+    for r in 0..rounds {
+        for job in &jobs {
+            insert(&busy, *job, 3, &format!("burst {r}")).await;
+        }
+    }
+    let statements = rounds * jobs.len();
+    for sse in streams.iter_mut() {
+        assert_exact(
+            &seqs(&sse.until_seq(3 * rounds as i64).await),
+            1,
+            3 * rounds as i64,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let notes = drain(&mut rx);
+    assert!(
+        !notes.is_empty() && notes.len() < statements,
+        "{} notifications for {statements} statements",
+        notes.len()
+    );
+    for note in &notes {
+        let (job, seq) = note.split_once(':').expect("a job_id:max_seq hint");
+        assert!(jobs.iter().any(|j| j.to_string() == job), "{note}");
+        assert_eq!(
+            seq.parse::<i64>().unwrap() % 3,
+            0,
+            "a statement's last seq: {note}"
+        );
+    }
 }
