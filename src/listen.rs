@@ -92,7 +92,14 @@ async fn session(
     metrics: &Metrics,
     first: bool,
 ) -> Result<(), crate::Error> {
-    let config = crate::db::config(url)?;
+    let mut config = crate::db::config(url)?;
+    // Named apart from the pool (`<name>-listen`), so an operator (or the soak's faults)
+    // can tell the one LISTEN session in pg_stat_activity, whatever it last ran.
+    let name = format!(
+        "{}-listen",
+        config.get_application_name().unwrap_or("eventgate")
+    );
+    config.application_name(&name);
     let (client, mut connection) = config.connect(NoTls).await?;
     let (msg_tx, mut msg_rx) = tokio::sync::mpsc::unbounded_channel();
     // The connection is driven here, not on a task of its own, so this function sees it

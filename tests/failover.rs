@@ -99,7 +99,7 @@ async fn a_cursor_past_the_end_of_a_finished_job_gets_reset_then_end() {
 async fn cut_listen(db: &tokio_postgres::Client) -> u64 {
     db.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+         WHERE datname = current_database() AND application_name LIKE '%-listen' AND pid <> pg_backend_pid()",
         &[],
     )
     .await

@@ -72,3 +72,41 @@ async fn a_partial_head_costs_nothing_and_a_close_is_noticed() {
     assert_eq!(status, 200);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_is_sent_with_browser_security_headers() {
+    let url = database().await;
+    let gw = Gateway::start(&url).await;
+    for path in [
+        "/",
+        "/jobs/00000000-0000-0000-0000-000000000000",
+        "/static/job.js",
+    ] {
+        let res = get(gw.addr, path).await.unwrap();
+        assert_eq!(res.status, 200, "{path}");
+        let csp = res.header("content-security-policy").unwrap_or_default();
+        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {csp}");
+        assert!(csp.contains("script-src 'self'"), "{path}: {csp}");
+        assert!(!csp.contains("unsafe-inline"), "{path}: {csp}");
+        assert_eq!(res.header("x-frame-options"), Some("DENY"), "{path}");
+        assert_eq!(res.header("referrer-policy"), Some("no-referrer"), "{path}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_in_a_new_job_is_replaced_not_a_database_error() {
+    let url = database().await;
+    let gw = Gateway::start(&url).await;
+    let res = post_json(
+        gw.addr,
+        "/api/queue/jobs",
+        &serde_json::json!({"name": "a\u{0}b", "payload": {"k\u{0}": ["x\u{0}"]}}),
+    )
+    .await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    let job = res.json();
+    assert_eq!(job["name"], "a\u{FFFD}b");
+    assert_eq!(job["payload"]["k\u{FFFD}"][0], "x\u{FFFD}");
+    gw.stop().await;
+}

@@ -146,14 +146,14 @@ pub async fn run(
 async fn inject(ctx: &Context, kind: Kind, nth: u64) -> Result<String, String> {
     match kind {
         Kind::ListenerKill => {
-            let n = terminate(ctx, "query ILIKE 'LISTEN%'").await?;
+            let n = terminate(ctx, "application_name = 'eventgate-listen'").await?;
             if n == 0 {
                 return Err("no LISTEN backend found".into());
             }
             Ok(format!("terminated {n} LISTEN backend(s)"))
         }
         Kind::PoolKill => {
-            let n = terminate(ctx, "query NOT ILIKE 'LISTEN%'").await?;
+            let n = terminate(ctx, "application_name = 'eventgate'").await?;
             if n == 0 {
                 return Err("no pool backend found".into());
             }
@@ -219,7 +219,8 @@ async fn inject(ctx: &Context, kind: Kind, nth: u64) -> Result<String, String> {
     }
 }
 
-/// `pg_terminate_backend` of the gateways' backends (application_name 'eventgate')
+/// `pg_terminate_backend` of the gateways' backends (the pool is 'eventgate', the LISTEN
+/// session 'eventgate-listen')
 /// matching `filter`. Returns how many were terminated.
 async fn terminate(ctx: &Context, filter: &str) -> Result<u64, String> {
     let client = writers::connect(&ctx.url, "soak-admin")
@@ -227,7 +228,7 @@ async fn terminate(ctx: &Context, filter: &str) -> Result<u64, String> {
         .map_err(|e| format!("admin connection: {e}"))?;
     let sql = format!(
         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE application_name = 'eventgate' AND pid <> pg_backend_pid() AND {filter}"
+         WHERE pid <> pg_backend_pid() AND {filter}"
     );
     let row = client
         .query_one(&sql, &[])

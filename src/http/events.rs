@@ -116,7 +116,7 @@ pub(super) async fn append<B: RequestBody>(
 }
 
 /// Replaces NUL in every string of a JSON value (jsonb cannot hold `\u0000`).
-fn strip_nul(value: serde_json::Value) -> serde_json::Value {
+pub(super) fn strip_nul(value: serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
     match value {
         Value::String(s) if s.contains('\0') => Value::String(s.replace('\0', "\u{FFFD}")),

@@ -150,8 +150,14 @@ pub(super) async fn create<B: RequestBody>(
     if let Some(n) = body.max_attempts {
         columns.insert("max_attempts".into(), json!(n));
     }
-    let name = body.name.or(body.kind).unwrap_or_default();
-    let columns = serde_json::Value::Object(columns);
+    // PostgreSQL text and jsonb cannot hold NUL: replaced, as in appended events.
+    let name = body
+        .name
+        .or(body.kind)
+        .unwrap_or_default()
+        .replace('\0', "\u{FFFD}");
+    let columns = super::events::strip_nul(serde_json::Value::Object(columns));
+    let payload = super::events::strip_nul(payload);
     let client = app.pool.get().await?;
     let created = store::create_job_with(
         &**client,
