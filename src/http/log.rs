@@ -225,17 +225,7 @@ pub async fn serve<B>(
     let mut follow = None;
     if options.follow {
         // A following response is long-lived: it counts against the client's streams.
-        let Some(slot) = app.slots.take(peer.ip()) else {
-            app.metrics.streams_refused.inc();
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_streams",
-                format!(
-                    "at most {} open streams per client",
-                    app.config.max_streams_per_client
-                ),
-            ));
-        };
+        let slot = app.stream_slot(peer)?;
         // Subscribe before the first read, so no wake-up falls between the two.
         match app.hub.subscribe(id, 0).await? {
             Start::NotFound => return Err(not_found()),

@@ -140,6 +140,22 @@ impl App {
         }
     }
 
+    /// One of the client's slots for a long-lived response (an event stream, a
+    /// following raw log), held until the response ends; 429 when it has none left.
+    pub(crate) fn stream_slot(&self, peer: SocketAddr) -> Result<crate::limits::Slot> {
+        self.slots.take(peer.ip()).ok_or_else(|| {
+            self.metrics.streams_refused.inc();
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                format!(
+                    "at most {} open streams per client",
+                    self.config.max_streams_per_client
+                ),
+            )
+        })
+    }
+
     /// How long a refused client should wait, in whole seconds.
     pub(crate) fn retry_secs(&self) -> u64 {
         self.config.retry_ms.div_ceil(1000)

@@ -45,17 +45,7 @@ pub(super) async fn events<B>(
                 .unwrap_or(0)
         }
     };
-    let Some(slot) = app.slots.take(peer.ip()) else {
-        app.metrics.streams_refused.inc();
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_streams",
-            format!(
-                "at most {} open streams per client",
-                app.config.max_streams_per_client
-            ),
-        ));
-    };
+    let slot = app.stream_slot(peer)?;
     if app.hub.is_shutting_down() {
         return Err(shutting_down());
     }
