@@ -36,6 +36,15 @@ pub const MAX_PAGE: i64 = 1000;
 pub const DEFAULT_MAX_MESSAGE: usize = 256 * 1024;
 /// Default open SSE streams per client address.
 pub const DEFAULT_MAX_STREAMS_PER_CLIENT: usize = 64;
+/// Default most bytes a stream may hold unsent when a live batch arrives; past it the
+/// stream ends and its client resumes from its cursor. 4 MiB: several pages, and at 64
+/// streams per address a client costs at most about 256 MiB however it reads.
+pub const DEFAULT_MAX_STREAM_BUFFER: usize = 4 << 20;
+/// Default time a socket may take no bytes of a response before the gateway closes it:
+/// longer than the keep-alive interval, so an idle stream is never mistaken for one.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time a client has to send a request body.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything `serve` needs.
 #[derive(Clone)]
@@ -54,6 +63,12 @@ pub struct Config {
     pub counter_poll: Duration,
     pub max_message: usize,
     pub max_streams_per_client: usize,
+    /// See [`DEFAULT_MAX_STREAM_BUFFER`].
+    pub max_stream_buffer: usize,
+    /// See [`DEFAULT_SEND_TIMEOUT`].
+    pub send_timeout: Duration,
+    /// See [`DEFAULT_BODY_TIMEOUT`].
+    pub body_timeout: Duration,
     pub hub: hub::Settings,
     /// Token verification (off without a secret).
     pub auth: crate::auth::Auth,
@@ -79,6 +94,9 @@ impl Config {
             counter_poll: DEFAULT_COUNTER_POLL,
             max_message: DEFAULT_MAX_MESSAGE,
             max_streams_per_client: DEFAULT_MAX_STREAMS_PER_CLIENT,
+            max_stream_buffer: DEFAULT_MAX_STREAM_BUFFER,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
             hub: hub::Settings::default(),
             auth: crate::auth::Auth::off(),
             insecure_no_auth: false,
@@ -102,6 +120,9 @@ impl fmt::Debug for Config {
             .field("counter_poll", &self.counter_poll)
             .field("max_message", &self.max_message)
             .field("max_streams_per_client", &self.max_streams_per_client)
+            .field("max_stream_buffer", &self.max_stream_buffer)
+            .field("send_timeout", &self.send_timeout)
+            .field("body_timeout", &self.body_timeout)
             .field("hub", &self.hub)
             .field("auth", &self.auth)
             .field("insecure_no_auth", &self.insecure_no_auth)

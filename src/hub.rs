@@ -160,8 +160,9 @@ pub struct Subscription {
 
 /// What the ring can give a subscriber resuming after some seq.
 pub enum CatchUp {
-    /// Frames (possibly none) bringing it up to the hub's `last_seq`.
-    Frames(Vec<Bytes>, i64),
+    /// Frames (possibly none) bringing it up to the first seq given (at most about a
+    /// page of bytes), and the hub's `last_seq`, the second.
+    Frames(Vec<Bytes>, i64, i64),
     /// The ring does not reach back that far: read the table.
     Table,
 }
@@ -454,9 +455,9 @@ impl Hub {
         }
         for (job, _) in claimed {
             let events = news.remove(&job.id).unwrap_or_default();
-            let full = events.len() as i64 == POLL_PAGE;
+            let mut full = store::page_is_full(&events, POLL_PAGE);
             if !events.is_empty() {
-                self.deliver(&job, &events, full);
+                full |= !self.deliver(&job, &events, full);
             }
             // A full page, or a wake during the query for more than it found: the
             // job's own read task takes over (and, after a failed query, retries).
@@ -515,9 +516,9 @@ impl Hub {
                     continue;
                 }
             };
-            let full = events.len() as i64 == READ_PAGE;
+            let mut full = store::page_is_full(&events, READ_PAGE);
             if !events.is_empty() {
-                self.deliver(&job, &events, full);
+                full |= !self.deliver(&job, &events, full);
             }
             if !self.keep_reading(&job, full) {
                 return;
@@ -526,9 +527,17 @@ impl Hub {
     }
 
     /// Encodes freshly read events once and broadcasts them. `full`: the read stopped
-    /// at its page size, so it may not have reached the end of the table.
-    fn deliver(&self, job: &Job, events: &[Event], full: bool) {
-        let batch = Arc::new(Batch::encode(events, !full));
+    /// at its page size, so it may not have reached the end of the table. The batch
+    /// stops at [`store::PAGE_BYTES`] of frames: returns whether it took every event
+    /// (if not, the caller reads again from where it stopped).
+    fn deliver(&self, job: &Job, events: &[Event], full: bool) -> bool {
+        let batch = Arc::new(Batch::encode_within(
+            events,
+            !full,
+            store::PAGE_BYTES as usize,
+        ));
+        let took_all = batch.len_events() == events.len();
+        let events = &events[..batch.len_events()];
         let metrics = &self.inner.metrics;
         metrics.batches_encoded.inc();
         let last_id = events.last().expect("deliver gets events").id;
@@ -547,6 +556,7 @@ impl Hub {
             metrics
                 .observe_commit_to_send_us(now_us.saturating_sub(event.created_us).max(0) as u64);
         }
+        took_all
     }
 
     /// After a read by the holder of `Running`: whether to read again, keeping the
@@ -745,16 +755,29 @@ impl Job {
         let _ = self.tx.send(Item::Reset(last_seq));
     }
 
-    /// The frames after `after` that the ring holds, if it reaches back that far.
-    pub fn catch_up(&self, after: i64) -> CatchUp {
+    /// The frames after `after` that the ring holds, if it reaches back that far: whole
+    /// batches up to about `max_bytes` (at least one), and the seq they reach.
+    pub fn catch_up(&self, after: i64, max_bytes: usize) -> CatchUp {
         let state = self.lock();
         if after >= state.last_seq {
-            return CatchUp::Frames(Vec::new(), state.last_seq);
+            return CatchUp::Frames(Vec::new(), state.last_seq, state.last_seq);
         }
         match state.ring.front() {
             Some(first) if first.first_seq() <= after + 1 => {
-                let frames = state.ring.iter().filter_map(|b| b.after(after)).collect();
-                CatchUp::Frames(frames, state.last_seq)
+                let mut frames = Vec::new();
+                let mut bytes = 0;
+                let mut upto = after;
+                for batch in &state.ring {
+                    if bytes >= max_bytes {
+                        break;
+                    }
+                    if let Some(frame) = batch.after(after) {
+                        bytes += frame.len();
+                        frames.push(frame);
+                        upto = batch.last_seq();
+                    }
+                }
+                CatchUp::Frames(frames, upto, state.last_seq)
             }
             _ => CatchUp::Table,
         }

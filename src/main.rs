@@ -124,6 +124,16 @@ struct GatewayArgs {
     /// Open streams per client address (more get 429).
     #[arg(long, env = "EVENTGATE_MAX_STREAMS_PER_CLIENT", default_value_t = config::DEFAULT_MAX_STREAMS_PER_CLIENT)]
     max_streams_per_client: usize,
+    /// Most bytes a stream may hold unsent when a live batch arrives; past it the
+    /// stream ends and its client resumes from its cursor.
+    #[arg(long, env = "EVENTGATE_MAX_STREAM_BUFFER", default_value_t = config::DEFAULT_MAX_STREAM_BUFFER)]
+    max_stream_buffer: usize,
+    /// Time a socket may accept no bytes of a response before it is closed.
+    #[arg(long, env = "EVENTGATE_SEND_TIMEOUT", default_value = "60s", value_parser = config::parse_duration)]
+    send_timeout: std::time::Duration,
+    /// Time a client has to send a request body (slower gets 408 and a close).
+    #[arg(long, env = "EVENTGATE_BODY_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
+    body_timeout: std::time::Duration,
     /// HS256 secret for tokens; without it auth is off (loopback only).
     #[arg(long, env = "EVENTGATE_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
@@ -159,6 +169,9 @@ impl GatewayArgs {
         config.counter_poll = self.counter_poll;
         config.max_page = self.max_page.clamp(1, 100_000);
         config.max_streams_per_client = self.max_streams_per_client;
+        config.max_stream_buffer = self.max_stream_buffer;
+        config.send_timeout = self.send_timeout;
+        config.body_timeout = self.body_timeout;
         if let Some(secret) = self.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
             config.auth = eventgate::auth::Auth::hs256(secret.as_bytes())
                 .with_issuer(self.jwt_issuer.clone())

@@ -49,6 +49,11 @@ pub struct Metrics {
     pub streams_catching_up: Gauge,
     pub counter_polls: Counter,
     pub streams_refused: Counter,
+    /// Streams ended over `--max-stream-buffer`.
+    pub streams_ended_buffer: Counter,
+    /// Streams (and connections) closed because the socket took no bytes for
+    /// `--send-timeout`.
+    pub streams_ended_send_timeout: Counter,
     auth_failures: Family<Label, Counter>,
     commit_to_send: Histogram,
     hub_jobs: Gauge,
@@ -160,6 +165,14 @@ impl Default for Metrics {
             "Requests refused by auth, by reason.",
             auth.clone(),
         );
+        let ended = Family::<Label, Counter>::default();
+        registry.register(
+            "eventgate_streams_ended",
+            "Streams the gateway ended on a client's budget, by reason.",
+            ended.clone(),
+        );
+        let streams_ended_buffer = ended.get_or_create(&[("reason", "buffer")]).clone();
+        let streams_ended_send_timeout = ended.get_or_create(&[("reason", "send_timeout")]).clone();
         let read = |purpose| table_reads.get_or_create(&[("purpose", purpose)]).clone();
         let subscribers_catching_up = subscribers
             .get_or_create(&[("state", "catching_up")])
@@ -190,6 +203,8 @@ impl Default for Metrics {
             streams_catching_up: Gauge::default(),
             counter_polls,
             streams_refused,
+            streams_ended_buffer,
+            streams_ended_send_timeout,
             commit_to_send,
             hub_jobs,
             hub_receivers,
@@ -278,6 +293,11 @@ mod tests {
             ("eventgate_batches_encoded_total", "0"),
             ("eventgate_events_delivered_total", "0"),
             ("eventgate_bytes_delivered_total", "0"),
+            ("eventgate_streams_ended_total{reason=\"buffer\"}", "0"),
+            (
+                "eventgate_streams_ended_total{reason=\"send_timeout\"}",
+                "0",
+            ),
         ] {
             assert_eq!(
                 value(&text, name).as_deref(),

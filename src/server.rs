@@ -215,6 +215,7 @@ pub async fn run(
         http1,
         http2,
         header_timeout: config.header_timeout,
+        send_timeout: config.send_timeout,
     });
     // Every connection holds a permit of `limit` until it ends, and is a task of
     // `connections`, so that the drain can wait for it and abort it at the deadline.

@@ -40,14 +40,31 @@ impl Batch {
     /// # Panics
     /// If `events` is empty.
     pub fn encode(events: &[Event], finished: bool) -> Batch {
+        Batch::encode_within(events, finished, usize::MAX)
+    }
+
+    /// [`Batch::encode`], stopping after the frame that reaches `max_bytes` (a batch
+    /// always holds one frame): the batch may hold fewer events than given, and then
+    /// `finished` does not apply (the events left out come first).
+    ///
+    /// # Panics
+    /// If `events` is empty.
+    pub fn encode_within(events: &[Event], finished: bool, max_bytes: usize) -> Batch {
         assert!(!events.is_empty(), "a batch is never empty");
-        let mut buf = BytesMut::with_capacity(events.len() * 256);
+        let mut buf = BytesMut::with_capacity(events.len().min(64) * 256);
         let mut frames = Vec::with_capacity(events.len());
         for event in events {
+            if buf.len() >= max_bytes {
+                break;
+            }
             frames.push((event.seq, buf.len() as u32));
             write_event(&mut buf, event);
         }
-        let end = match events.last().and_then(|e| e.status().map(|s| (e.seq, s))) {
+        let finished = finished && frames.len() == events.len();
+        let end = match events[frames.len() - 1]
+            .status()
+            .map(|s| (frames[frames.len() - 1].0, s))
+        {
             Some((seq, status)) if finished && status.is_terminal() => Some(End {
                 status,
                 last_seq: seq,
@@ -219,6 +236,24 @@ mod tests {
         assert!(all.len() > rest.len());
         assert!(batch.after(5).is_none());
         assert_eq!(batch.last_seq(), 5);
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_byte_budget_but_holds_one_frame() {
+        let status = r#"{"kind": "status", "status": "failed"}"#;
+        let mut events: Vec<_> = (1..=9).map(|s| event(s, &"x".repeat(100), "{}")).collect();
+        events.push(event(10, "s", status));
+        let batch = Batch::encode_within(&events, true, 500);
+        assert!(batch.len_events() < events.len(), "{}", batch.len_events());
+        assert!(batch.len_bytes() >= 500);
+        assert!(batch.end().is_none(), "the end was left out");
+        let one = Batch::encode_within(&events[9..], true, 1);
+        assert_eq!(one.len_events(), 1);
+        assert!(one.end().is_some());
+        assert_eq!(
+            Batch::encode_within(&events, true, usize::MAX).len_events(),
+            10
+        );
     }
 
     #[test]

@@ -257,7 +257,41 @@ pub async fn append_events(
     Ok(out)
 }
 
-/// Events with `after < seq < before`, the first `limit` of them, ascending.
+/// Most bytes of messages and payloads (as text) in one page of events, past its first
+/// event (a page always holds one, whatever its size): the backfill of a stream, the
+/// hub's live reads and polling pages alike, so that no page of a job of large events
+/// pins much memory. Encoded, a page can be larger (a control character escapes to six
+/// bytes of JSON), so the encoders stop at [`PAGE_BYTES`] of output too.
+pub const PAGE_BYTES: i64 = 1 << 20;
+
+/// The size a page's byte budget counts for one event: its message and its payload as
+/// text. `PAGE_SIZE_SQL` is the same measure in SQL, over `agent_job_events` columns.
+pub fn page_size(event: &Event) -> i64 {
+    (event.message.len() + event.payload.get().len()) as i64
+}
+
+const PAGE_SIZE_SQL: &str = "(octet_length(message) + octet_length(coalesce(payload, '{}')::text))";
+
+/// Whether a page read with `limit` rows and [`PAGE_BYTES`] may have stopped short of
+/// what the table holds: it is full in rows or in bytes.
+pub fn page_is_full(events: &[Event], limit: i64) -> bool {
+    events.len() as i64 >= limit || events.iter().map(page_size).sum::<i64>() >= PAGE_BYTES
+}
+
+/// `rows` (a subquery of whole `agent_job_events` rows in page order) cut where the
+/// bytes of the rows before a row reach `$budget`, in the same order.
+fn within_bytes(rows: &str, order: &str, budget: &str) -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM ( \
+             SELECT p.*, sum({PAGE_SIZE_SQL}) OVER (ORDER BY seq {order}) - {PAGE_SIZE_SQL} \
+                 AS eventgate_before \
+             FROM ({rows}) p \
+         ) w WHERE eventgate_before < {budget} ORDER BY seq {order}"
+    )
+}
+
+/// Events with `after < seq < before`, ascending: the first `limit` of them, and no
+/// more than [`PAGE_BYTES`] past the first (see [`page_is_full`]).
 pub async fn events_after(
     client: &deadpool_postgres::Client,
     job_id: Uuid,
@@ -265,20 +299,23 @@ pub async fn events_after(
     before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Event>, tokio_postgres::Error> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM agent_job_events \
+    let sql = within_bytes(
+        "SELECT * FROM agent_job_events \
          WHERE job_id = $1 AND seq > $2 AND ($3::int8 IS NULL OR seq < $3) \
-         ORDER BY seq LIMIT $4"
+         ORDER BY seq LIMIT $4",
+        "",
+        "$5",
     );
     let stmt = client.prepare_cached(&sql).await?;
     let rows = client
-        .query(&stmt, &[&job_id, &after, &before, &limit])
+        .query(&stmt, &[&job_id, &after, &before, &limit, &PAGE_BYTES])
         .await?;
     rows.iter().map(event_from_row).collect()
 }
 
-/// For each job `ids[i]`, its first `limit` events with `seq > afters[i]`, in ONE
-/// query (an index probe per job), ordered by job and seq.
+/// For each job `ids[i]`, its first `limit` events with `seq > afters[i]` (and no more
+/// than [`PAGE_BYTES`] past the first), in ONE query (an index probe per job), ordered
+/// by job and seq.
 pub async fn events_after_each(
     client: &deadpool_postgres::Client,
     ids: &[Uuid],
@@ -289,36 +326,50 @@ pub async fn events_after_each(
         "SELECT {EVENT_COLUMNS} \
          FROM unnest($1::uuid[], $2::int8[]) AS c(want_job, after_seq) \
          CROSS JOIN LATERAL ( \
-             SELECT * FROM agent_job_events \
-             WHERE job_id = c.want_job AND seq > c.after_seq ORDER BY seq LIMIT $3 \
+             SELECT * FROM ( \
+                 SELECT p.*, sum({PAGE_SIZE_SQL}) OVER (ORDER BY seq) - {PAGE_SIZE_SQL} \
+                     AS eventgate_before \
+                 FROM ( \
+                     SELECT * FROM agent_job_events \
+                     WHERE job_id = c.want_job AND seq > c.after_seq ORDER BY seq LIMIT $3 \
+                 ) p \
+             ) w WHERE eventgate_before < $4 \
          ) e \
          ORDER BY job_id, seq"
     );
     let stmt = client.prepare_cached(&sql).await?;
-    let rows = client.query(&stmt, &[&ids, &afters, &limit]).await?;
+    let rows = client
+        .query(&stmt, &[&ids, &afters, &limit, &PAGE_BYTES])
+        .await?;
     rows.iter().map(event_from_row).collect()
 }
 
-/// The last `limit` events with `seq < before`, ascending (the newest page of a log,
-/// then older pages as a viewer scrolls up).
+/// The last `limit` events with `seq < before` (and no more than [`PAGE_BYTES`] counted
+/// from the newest), ascending (the newest page of a log, then older pages as a viewer
+/// scrolls up).
 pub async fn events_before(
     client: &deadpool_postgres::Client,
     job_id: Uuid,
     before: i64,
     limit: i64,
 ) -> Result<Vec<Event>, tokio_postgres::Error> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM agent_job_events \
-         WHERE job_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+    let sql = within_bytes(
+        "SELECT * FROM agent_job_events WHERE job_id = $1 AND seq < $2 \
+         ORDER BY seq DESC LIMIT $3",
+        "DESC",
+        "$4",
     );
     let stmt = client.prepare_cached(&sql).await?;
-    let rows = client.query(&stmt, &[&job_id, &before, &limit]).await?;
+    let rows = client
+        .query(&stmt, &[&job_id, &before, &limit, &PAGE_BYTES])
+        .await?;
     let mut events: Vec<Event> = rows.iter().map(event_from_row).collect::<Result<_, _>>()?;
     events.reverse();
     Ok(events)
 }
 
-/// The last `limit` events with `after < seq < before`, newest first (`sort=desc`).
+/// The last `limit` events with `after < seq < before` (and no more than [`PAGE_BYTES`]
+/// counted from the newest), newest first (`sort=desc`).
 pub async fn events_desc(
     client: &deadpool_postgres::Client,
     job_id: Uuid,
@@ -326,14 +377,16 @@ pub async fn events_desc(
     before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Event>, tokio_postgres::Error> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM agent_job_events \
+    let sql = within_bytes(
+        "SELECT * FROM agent_job_events \
          WHERE job_id = $1 AND seq > $2 AND ($3::int8 IS NULL OR seq < $3) \
-         ORDER BY seq DESC LIMIT $4"
+         ORDER BY seq DESC LIMIT $4",
+        "DESC",
+        "$5",
     );
     let stmt = client.prepare_cached(&sql).await?;
     let rows = client
-        .query(&stmt, &[&job_id, &after, &before, &limit])
+        .query(&stmt, &[&job_id, &after, &before, &limit, &PAGE_BYTES])
         .await?;
     rows.iter().map(event_from_row).collect()
 }

@@ -10,13 +10,27 @@
 //!
 //! `cursor` is the highest seq written to this stream; it only moves forward by one
 //! frame at a time, so nothing is skipped and nothing is repeated.
+//!
+//! # Budget
+//!
+//! What a stream holds unsent is bounded in bytes, whatever its client reads: every
+//! page it catches up with (from the ring or the table) stops at about
+//! [`store::PAGE_BYTES`], and the next page is read only once the writer holds less
+//! than [`PULL_AHEAD`] unsent (a backfill goes at the client's pace). Live batches are
+//! pushed, not pulled: a live batch that would take what the writer holds past
+//! [`Options::max_buffer`] ends the stream instead (the client resumes from its
+//! `Last-Event-ID`, from the table). The writer tells the stream what it holds through
+//! a shared [`Backlog`].
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use tokio::sync::broadcast::error::RecvError;
@@ -24,13 +38,76 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::backoff::Backoff;
 use crate::hub::{CatchUp, Hub, Item, Subscription, READ_PAGE};
 use crate::sse::{self, Batch};
+use crate::store;
+
+/// A stream reads its next page (from the ring or the table) only once its writer holds
+/// less than this unsent, so a backfill goes at the client's pace and a client that
+/// stops reading holds about one page. Small next to a socket's send buffer, so a fast
+/// client never waits for the read.
+pub const PULL_AHEAD: usize = 64 << 10;
+
+/// The bytes a stream's writer holds unsent, shared between the writer (which keeps it
+/// current) and the stream (which keeps it within budget).
+///
+/// The gateway's own HTTP/1.1 writer ([`crate::conn`]) updates it; behind hyper (h2,
+/// and the HTTP/1.1 streams hyper serves) it stays 0, and hyper's flow control polls
+/// the body for a frame only when the last one is sent (h2: at most its 400 KiB send
+/// buffer per stream), so there too a stream holds about a page.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    unsent: AtomicUsize,
+    /// The stream, waiting for room to read its next page.
+    waker: AtomicWaker,
+    /// Set by the stream when it ends over budget: the writer drops what it holds and
+    /// closes the connection instead of finishing the body.
+    over: AtomicBool,
+}
+
+impl Backlog {
+    pub fn new() -> Arc<Backlog> {
+        Arc::default()
+    }
+
+    /// The writer holds `n` bytes unsent now.
+    pub fn set_unsent(&self, n: usize) {
+        self.unsent.store(n, Ordering::Relaxed);
+        if n < PULL_AHEAD {
+            self.waker.wake();
+        }
+    }
+
+    pub fn unsent(&self) -> usize {
+        self.unsent.load(Ordering::Relaxed)
+    }
+
+    /// Whether the stream ended over its budget.
+    pub fn is_over(&self) -> bool {
+        self.over.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the writer holds less than [`PULL_AHEAD`].
+    async fn room(&self) {
+        std::future::poll_fn(|cx| {
+            if self.unsent() < PULL_AHEAD {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // Sent between the check and the registration: no wake would come.
+            if self.unsent() < PULL_AHEAD {
+                return Poll::Ready(());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
 
 /// Attempts at a backfill read (about 25 s with backoff) before the stream ends and
 /// lets the client reconnect with its Last-Event-ID.
 const BACKFILL_ATTEMPTS: u32 = 16;
 
 /// How a stream is shaped: the retry hint and when it must end on its own.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// `retry:` sent first, in milliseconds.
     pub retry_ms: u64,
@@ -38,6 +115,11 @@ pub struct Options {
     pub shutdown_retry_ms: (u64, u64),
     /// When the stream's credentials expire, if they do.
     pub deadline: Option<tokio::time::Instant>,
+    /// The most bytes the stream's writer may hold unsent when a live batch arrives
+    /// (`--max-stream-buffer`); past it the stream ends.
+    pub max_buffer: usize,
+    /// What the writer holds unsent, shared with it.
+    pub backlog: Arc<Backlog>,
 }
 
 /// The body of an SSE response for one job.
@@ -114,6 +196,8 @@ impl Subscriber {
                     return Some(sse::retry_frame(self.options.retry_ms));
                 }
                 Phase::CatchUp => {
+                    // The next page only once the writer has sent most of the last.
+                    self.options.backlog.room().await;
                     // Boxed: the table read's future is large and rare; inline, it
                     // would be part of every idle subscriber's state.
                     if let Err(e) = Box::pin(self.catch_up()).await {
@@ -135,8 +219,8 @@ impl Subscriber {
     /// Brings the stream up to date from the ring or the table; `Live` when done.
     async fn catch_up(&mut self) -> Result<(), crate::Error> {
         let job = self.subscription.job.clone();
-        match job.catch_up(self.cursor) {
-            CatchUp::Frames(_, last_seq) if self.cursor > last_seq => {
+        match job.catch_up(self.cursor, store::PAGE_BYTES as usize) {
+            CatchUp::Frames(_, _, last_seq) if self.cursor > last_seq => {
                 // Beyond what the hub has: the table may be ahead of the hub (then the
                 // events arrive live), or the cursor is past the job's end.
                 match self.hub.table_last_seq(job.id()).await? {
@@ -147,23 +231,27 @@ impl Subscriber {
                 self.check_end();
                 return Ok(());
             }
-            CatchUp::Frames(frames, last_seq) => {
+            CatchUp::Frames(frames, upto, last_seq) => {
                 if !frames.is_empty() {
                     self.hub.metrics().ring_catch_ups.inc();
                 }
                 self.queue.extend(frames);
-                self.cursor = self.cursor.max(last_seq);
-                self.set_phase(Phase::Live);
-                self.check_end();
+                self.cursor = self.cursor.max(upto);
+                if self.cursor >= last_seq {
+                    self.set_phase(Phase::Live);
+                    self.check_end();
+                }
+                // Else a page of the ring was taken: the next one when it is sent.
                 return Ok(());
             }
             CatchUp::Table => {}
         }
         let events = self.read_table().await?;
-        let finished = (events.len() as i64) < READ_PAGE;
-        if let Some(last) = events.last() {
-            let batch = Batch::encode(&events, finished);
-            self.cursor = last.seq;
+        let mut finished = !store::page_is_full(&events, READ_PAGE);
+        if !events.is_empty() {
+            let batch = Batch::encode_within(&events, finished, store::PAGE_BYTES as usize);
+            finished &= batch.len_events() == events.len();
+            self.cursor = batch.last_seq();
             if let Some(bytes) = batch.after(i64::MIN) {
                 self.queue.push_back(bytes);
             }
@@ -269,6 +357,19 @@ impl Subscriber {
             return None;
         }
         let bytes = batch.after(self.cursor);
+        let unsent = self.options.backlog.unsent();
+        let size = bytes.as_ref().map_or(0, Bytes::len);
+        if unsent > 0 && unsent + size > self.options.max_buffer {
+            // The client is further behind than its budget: end, so that it resumes
+            // from its Last-Event-ID, read from the table at its own pace.
+            tracing::info!(job = %self.subscription.job.id(), unsent, cursor = self.cursor,
+                "stream over its buffer budget; ending it");
+            self.hub.metrics().streams_ended_buffer.inc();
+            self.options.backlog.over.store(true, Ordering::Relaxed);
+            self.queue.clear();
+            self.set_phase(Phase::Done);
+            return None;
+        }
         self.cursor = batch.last_seq();
         if let Some(end) = batch.end() {
             self.queue.push_back(end.frame());

@@ -37,7 +37,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{self, ApiError, App, Route};
+use crate::stream::Backlog;
 
+mod deadline;
 mod writer;
 use writer::{encode_head, pump, Framing};
 
@@ -48,6 +50,8 @@ pub struct Shared {
     pub(crate) http2: http2::Builder<TokioExecutor>,
     /// How long a client may take to send its first request head.
     pub(crate) header_timeout: Duration,
+    /// How long a socket may take no bytes of a response (`--send-timeout`).
+    pub(crate) send_timeout: Duration,
 }
 
 /// The most of a request head that is peeked at; longer heads go to hyper.
@@ -100,8 +104,13 @@ async fn serve_hyper(
     h2: bool,
 ) -> Result<(), BoxError> {
     let app = shared.app.clone();
+    let fired = app.metrics().streams_ended_send_timeout.clone();
     let service = service_fn(move |req| http::handle(app.clone(), req, peer));
-    let io = TokioIo::new(stream);
+    let io = TokioIo::new(deadline::SendDeadline::new(
+        stream,
+        shared.send_timeout,
+        fired,
+    ));
     if h2 {
         drive(shared.http2.serve_connection(io, service), drain).await?;
     } else {
@@ -326,8 +335,26 @@ async fn serve_stream(
     };
     let keep_alive = head.keep_alive && !drain.is_cancelled();
     let wire_head = encode_head(&parts, framing, keep_alive);
+    let backlog = parts.extensions.get::<Arc<Backlog>>().cloned();
     drop(parts);
-    let reusable = pump(&stream, wire_head, &mut body, framing).await?;
+    let pumped = pump(
+        &stream,
+        wire_head,
+        &mut body,
+        framing,
+        backlog.as_deref(),
+        shared.send_timeout,
+    )
+    .await;
+    let reusable = match pumped {
+        Ok(reusable) => reusable,
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            tracing::info!(client = %peer, "socket took nothing for the send timeout; closing");
+            shared.app.metrics().streams_ended_send_timeout.inc();
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     Ok((keep_alive && reusable && !drain.is_cancelled()).then_some(stream))
 }
 

@@ -2,10 +2,11 @@
 //! chunked framing, written straight from the shared `Bytes` with `writev`, no buffer
 //! of its own.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::Poll;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use hyper::body::Body as _;
@@ -13,6 +14,7 @@ use hyper::header;
 use tokio::net::TcpStream;
 
 use crate::http::Body;
+use crate::stream::Backlog;
 
 /// Frames gathered into one `writev` when a subscriber has several waiting.
 const WRITE_BATCH: usize = 8;
@@ -91,11 +93,22 @@ pub(super) fn encode_head(
 /// is pending, written at once, and the task then sleeps without polling the body again
 /// (each pending poll of a broadcast receiver takes the channel's lock, shared by every
 /// subscriber of the job).
+///
+/// # Budget
+///
+/// The bytes gathered and not yet written are told to the stream through `backlog`
+/// (before each poll of the body and after each write), which keeps them within the
+/// stream's budget (see [`crate::stream`]); a stream that ends over it is not finished
+/// but dropped: this returns `Ok(false)` and the connection closes. A socket that takes
+/// no byte for `send_timeout` while something is due ends the connection with
+/// `TimedOut`; the timer runs only while the socket is full.
 pub(super) async fn pump(
     stream: &TcpStream,
     head: Vec<u8>,
     body: &mut Body,
     framing: Framing,
+    backlog: Option<&Backlog>,
+    send_timeout: Duration,
 ) -> io::Result<bool> {
     let chunked = matches!(framing, Framing::Chunked);
     let mut out = Output {
@@ -107,6 +120,13 @@ pub(super) async fn pump(
     };
     let mut ended = matches!(framing, Framing::None);
     let mut reusable = true;
+    // Armed when the socket is full with something due; dropped on progress.
+    let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let tell = |out: &Output| {
+        if let Some(backlog) = backlog {
+            backlog.set_unsent(out.unsent(chunked));
+        }
+    };
     std::future::poll_fn(|cx| {
         // Whether the body returned pending in this poll, its waker set.
         let mut body_waiting = false;
@@ -118,11 +138,16 @@ pub(super) async fn pump(
                             if !data.is_empty() {
                                 out.frames[out.count] = data;
                                 out.count += 1;
+                                tell(&out);
                             }
                         }
                     }
                     Poll::Ready(Some(Err(never))) => match never {},
                     Poll::Ready(None) => {
+                        if backlog.is_some_and(Backlog::is_over) {
+                            // Over budget: what is held is dropped, not sent.
+                            return Poll::Ready(Ok(false));
+                        }
                         ended = true;
                         out.last = chunked;
                     }
@@ -131,14 +156,33 @@ pub(super) async fn pump(
             }
             if out.is_pending() {
                 match stream.poll_write_ready(cx) {
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {
+                        let timer = stalled
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(send_timeout)));
+                        if timer.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+                        }
+                        return Poll::Pending;
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Ready(Ok(())) => {}
                 }
-                match out.try_write(stream, chunked) {
-                    Ok(true) => out.clear(),
+                let before = out.written;
+                let result = out.try_write(stream, chunked);
+                if out.written != before {
+                    stalled = None;
+                }
+                match result {
+                    Ok(true) => {
+                        stalled = None;
+                        out.clear();
+                        tell(&out);
+                    }
                     // Part of it, or none: try again until the socket says it is full.
-                    Ok(false) => continue,
+                    Ok(false) => {
+                        tell(&out);
+                        continue;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Poll::Ready(Err(e)),
                 }
@@ -181,6 +225,16 @@ struct Output {
 impl Output {
     fn is_pending(&self) -> bool {
         !self.prefix.is_empty() || self.count > 0 || self.last
+    }
+
+    /// Bytes due and not yet written.
+    fn unsent(&self, chunked: bool) -> usize {
+        let framing = if chunked { 20 } else { 0 };
+        let frames: usize = self.frames[..self.count]
+            .iter()
+            .map(|f| f.len() + framing)
+            .sum();
+        (self.prefix.len() + frames).saturating_sub(self.written)
     }
 
     fn clear(&mut self) {

@@ -44,8 +44,27 @@ pub fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Respo
         .expect("constant headers won't error")
 }
 
-/// Reads a JSON body, refusing more than `max` bytes with 413.
+/// Reads a JSON body, refusing more than `max` bytes with 413, and a body that has not
+/// all arrived within `timeout` with 408 (and a close: see [`ApiError::response`]).
 pub(crate) async fn read_json<T: serde::de::DeserializeOwned, B: RequestBody>(
+    req: Request<B>,
+    max: usize,
+    timeout: Duration,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, read_json_now(req, max)).await {
+        Ok(read) => read,
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                timeout.as_secs_f64()
+            ),
+        )),
+    }
+}
+
+async fn read_json_now<T: serde::de::DeserializeOwned, B: RequestBody>(
     req: Request<B>,
     max: usize,
 ) -> Result<T> {

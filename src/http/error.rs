@@ -91,6 +91,12 @@ impl ApiError {
                 HeaderValue::from_static(challenge),
             );
         }
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still come: the connection cannot carry another
+            // request, so it closes after this answer (RFC 9110, 15.5.9).
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             let secs = retry_after.unwrap_or(1).max(1);
             res.headers_mut()

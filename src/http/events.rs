@@ -4,6 +4,7 @@
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::body::{json_response, read_json, Body, RequestBody};
@@ -41,7 +42,7 @@ pub(super) async fn append<B: RequestBody>(
     id: Uuid,
     req: Request<B>,
 ) -> Result<Response<Body>> {
-    let body: AppendBody = read_json(req, app.config.max_body).await?;
+    let body: AppendBody = read_json(req, app.config.max_body, app.config.body_timeout).await?;
     let events = match body {
         AppendBody::Many { events } => events,
         AppendBody::One(event) => vec![event],
@@ -156,6 +157,9 @@ pub(super) async fn page<B>(app: &App, id: Uuid, req: &Request<B>) -> Result<Res
         None => seq_before(&client, id, &query.before).await?,
     };
     app.metrics.table_read_page();
+    // The newest page below a bound keeps its newest events when it is cut to its
+    // byte budget; every other page keeps its first (the ones next to its cursor).
+    let keep_newest = !query.descending && after.is_none() && before.is_some();
     let items = match (after, before) {
         _ if query.descending => {
             store::events_desc(&client, id, after.unwrap_or(0), before, limit).await?
@@ -166,15 +170,52 @@ pub(super) async fn page<B>(app: &App, id: Uuid, req: &Request<B>) -> Result<Res
             store::events_after(&client, id, after.unwrap_or(0), before, limit).await?
         }
     };
-    let next_after = items.iter().map(|e| e.seq).max().or(after).unwrap_or(0);
+    let (items, seqs) = within_page_bytes(&items, keep_newest);
+    let next_after = seqs.into_iter().max().or(after).unwrap_or(0);
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Page<'a> {
+        items: Vec<&'a RawValue>,
+        next_after_seq: i64,
+        job_status: crate::model::JobStatus,
+    }
     Ok(json_response(
         StatusCode::OK,
-        &json!({
-            "items": items,
-            "nextAfterSeq": next_after,
-            "jobStatus": status,
-        }),
+        &Page {
+            items: items.iter().map(|i| &**i).collect(),
+            next_after_seq: next_after,
+            job_status: status,
+        },
     ))
+}
+
+/// A polling page's events as JSON, cut where they reach [`store::PAGE_BYTES`] (at
+/// least one is kept): from the front, or from the back when `keep_newest`. With
+/// them, their seqs (`nextAfterSeq` is the highest: the next page starts after it).
+fn within_page_bytes(
+    events: &[crate::model::Event],
+    keep_newest: bool,
+) -> (Vec<Box<RawValue>>, Vec<i64>) {
+    let mut kept = Vec::new();
+    let mut seqs = Vec::new();
+    let mut bytes = 0usize;
+    let mut take = |event: &crate::model::Event| {
+        if bytes >= store::PAGE_BYTES as usize {
+            return;
+        }
+        let json = serde_json::to_string(event).expect("json always serializes");
+        bytes += json.len();
+        kept.push(RawValue::from_string(json).expect("serde_json writes json"));
+        seqs.push(event.seq);
+    };
+    if keep_newest {
+        events.iter().rev().for_each(&mut take);
+        kept.reverse();
+        seqs.reverse();
+    } else {
+        events.iter().for_each(&mut take);
+    }
+    (kept, seqs)
 }
 
 /// The seq the original cursor `after` + `afterEventId` stands for: the event's own

@@ -108,7 +108,7 @@ pub(super) async fn create<B: RequestBody>(
     req: Request<B>,
     grant: &Grant,
 ) -> Result<Response<Body>> {
-    let body: CreateJob = read_json(req, app.config.max_body).await?;
+    let body: CreateJob = read_json(req, app.config.max_body, app.config.body_timeout).await?;
     // A token for some jobs may create only those, by id.
     if !grant.covers_all() && !body.id.is_some_and(|id| grant.covers(id)) {
         app.metrics.auth_failure(Failure::Job);

@@ -156,6 +156,10 @@ impl App {
         })
     }
 
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// How long a refused client should wait, in whole seconds.
     pub(crate) fn retry_secs(&self) -> u64 {
         self.config.retry_ms.div_ceil(1000)
@@ -185,12 +189,17 @@ pub(crate) async fn handle<B: RequestBody>(
     Ok(res)
 }
 
-/// Checks the request's token, counting refusals by reason.
+/// Checks the request's token, counting refusals by reason. A write authenticated by
+/// the cookie must also pass the CSRF check ([`cors::check_cookie_write`]).
 fn authorize<B>(app: &App, req: &Request<B>, scope: Scope, job: Option<Uuid>) -> Result<Grant> {
-    app.config.auth.check(req, scope, job).map_err(|failure| {
+    let grant = app.config.auth.check(req, scope, job).map_err(|failure| {
         app.metrics.auth_failure(failure);
         ApiError::auth(failure)
-    })
+    })?;
+    if scope == Scope::Write && grant.via == crate::auth::Transport::Cookie {
+        cors::check_cookie_write(&app.config, req)?;
+    }
+    Ok(grant)
 }
 
 async fn route<B: RequestBody>(
@@ -217,7 +226,7 @@ async fn route<B: RequestBody>(
         }
         (&Method::GET, Route::JobsStream) => {
             let grant = authorize(app, &req, Scope::Read, None)?;
-            Ok(streams::statuses(app, grant))
+            streams::statuses(app, grant, peer)
         }
         (&Method::GET, Route::Job(id)) => {
             let id = query::job_id(id)?;

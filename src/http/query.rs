@@ -39,6 +39,21 @@ impl Params {
     fn int(&self, name: &str) -> Result<Option<i64>> {
         self.text(name).map(|v| non_negative(name, v)).transpose()
     }
+
+    /// `limit`, `default` when absent or empty: any value outside `1..=max` (negative,
+    /// zero, too large, not a number) is `invalid_limit`.
+    fn limit(&self, default: i64, max: i64) -> Result<i64> {
+        let Some(text) = self.text("limit") else {
+            return Ok(default);
+        };
+        match text.parse::<i64>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(
+                "invalid_limit",
+                format!("limit must be an integer in 1..={max}"),
+            )),
+        }
+    }
 }
 
 fn non_negative(name: &str, text: &str) -> Result<i64> {
@@ -61,13 +76,7 @@ pub(super) struct JobsQuery {
 impl JobsQuery {
     pub fn parse<B>(req: &Request<B>) -> Result<JobsQuery> {
         let q = Params::of(req);
-        let limit = q.int("limit")?.unwrap_or(DEFAULT_JOBS);
-        if !(1..=MAX_JOBS).contains(&limit) {
-            return Err(ApiError::bad_request(
-                "invalid_limit",
-                format!("limit must be 1..{MAX_JOBS}"),
-            ));
-        }
+        let limit = q.limit(DEFAULT_JOBS, MAX_JOBS)?;
         // Not trimmed: a status is a name, not a number.
         let status = match q.0.get("status").filter(|s| !s.is_empty()) {
             None => None,
@@ -129,13 +138,7 @@ impl PageQuery {
     /// `max_page`: the largest `limit` this gateway serves.
     pub fn parse<B>(req: &Request<B>, max_page: i64) -> Result<PageQuery> {
         let q = Params::of(req);
-        let limit = q.int("limit")?.unwrap_or(DEFAULT_PAGE);
-        if !(1..=max_page).contains(&limit) {
-            return Err(ApiError::bad_request(
-                "invalid_limit",
-                format!("limit must be 1..{max_page}"),
-            ));
-        }
+        let limit = q.limit(DEFAULT_PAGE, max_page)?;
         let descending = match q.text("sort") {
             None | Some("asc") => false,
             Some("desc") => true,
@@ -274,7 +277,9 @@ mod tests {
         for (query, status) in [
             ("limit=0", "invalid_limit"),
             ("limit=1001", "invalid_limit"),
-            ("limit=x", "invalid_cursor"),
+            ("limit=x", "invalid_limit"),
+            ("limit=-1", "invalid_limit"),
+            ("limit=99999999999999999999", "invalid_limit"),
             ("afterSeq=-1", "invalid_cursor"),
             ("beforeSeq=1.5", "invalid_cursor"),
             ("afterEventId=nope", "invalid_cursor"),
@@ -321,5 +326,7 @@ mod tests {
         );
         assert!(JobsQuery::parse(&req("status=done")).is_err());
         assert!(JobsQuery::parse(&req("limit=501")).is_err());
+        let e = JobsQuery::parse(&req("limit=-1")).unwrap_err();
+        assert!(e.to_string().contains("invalid_limit"), "{e}");
     }
 }

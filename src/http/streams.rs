@@ -61,12 +61,18 @@ pub(super) async fn events<B>(
                 retry_ms: app.config.retry_ms,
                 shutdown_retry_ms: (app.config.retry_ms, app.config.retry_ms * 5),
                 deadline: grant.expires_at().map(deadline_of),
+                max_buffer: app.config.max_stream_buffer,
+                backlog: stream::Backlog::new(),
             };
             if let Some(sub) = grant.subject() {
                 tracing::info!(job = %id, client = %peer, sub, "stream authorized");
             }
+            let backlog = options.backlog.clone();
             let body = stream::body(app.hub.clone(), subscription, cursor, options, peer, slot);
-            Ok(sse_response(body.boxed_unsync()))
+            let mut res = sse_response(body.boxed_unsync());
+            // For the writer of HTTP/1.1 streams, which keeps it current (see `conn`).
+            res.extensions_mut().insert(backlog);
+            Ok(res)
         }
     }
 }
@@ -79,12 +85,18 @@ fn shutting_down() -> ApiError {
     )
 }
 
-/// `GET /api/queue/jobs/stream`.
-pub(super) fn statuses(app: &App, grant: Grant) -> Response<Body> {
+/// `GET /api/queue/jobs/stream`. Long-lived like a job's stream, so it takes one of
+/// the client's stream slots, held until the response is dropped.
+pub(super) fn statuses(app: &App, grant: Grant, peer: SocketAddr) -> Result<Response<Body>> {
+    let slot = app.stream_slot(peer)?;
     let deadline = grant.expires_at().map(deadline_of);
     let frames = app.feed.stream(app.config.retry_ms, grant, deadline);
+    let frames = futures::StreamExt::map(frames, move |frame| {
+        let _held = &slot;
+        frame
+    });
     let body = http_body_util::StreamBody::new(frames);
-    sse_response(body.boxed_unsync())
+    Ok(sse_response(body.boxed_unsync()))
 }
 
 /// A wall-clock expiry as a tokio deadline.

@@ -140,7 +140,8 @@ async fn bad_cursors_are_400() {
     for (query, code) in [
         ("limit=0", "invalid_limit"),
         ("limit=1001", "invalid_limit"),
-        ("limit=ten", "invalid_cursor"),
+        ("limit=ten", "invalid_limit"),
+        ("limit=-1", "invalid_limit"),
         ("afterSeq=-1", "invalid_cursor"),
         ("beforeSeq=x", "invalid_cursor"),
         ("afterEventId=nope", "invalid_cursor"),
