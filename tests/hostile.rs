@@ -480,7 +480,9 @@ async fn a_cookie_write_needs_json_and_an_allowed_origin() {
     let json = ("Content-Type", "application/json");
     let text = ("Content-Type", "text/plain");
 
-    let cases: Vec<(&str, Vec<(&str, &str)>, u16, Option<&str>)> = vec![
+    /// What is tried, its headers, the status and error code it gets.
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         // The attack of the issue: another site, a form's content type.
         (
             "cross-site form",
