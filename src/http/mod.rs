@@ -7,6 +7,7 @@
 //! a socket (and, for everything that is refused before a query, without a database).
 
 mod body;
+mod cache;
 mod cors;
 mod error;
 mod events;
