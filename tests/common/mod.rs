@@ -435,6 +435,18 @@ impl Sse {
         }
     }
 
+    /// A stream whose request the caller sent and whose head it read on `conn`.
+    pub fn from_parts(status: u16, headers: Vec<(String, String)>, conn: Conn) -> Sse {
+        Sse {
+            status,
+            headers,
+            conn,
+            raw: Vec::new(),
+            pending: String::new(),
+            ended: status != 200,
+        }
+    }
+
     pub async fn job(addr: SocketAddr, job: Uuid, last_event_id: Option<i64>) -> Sse {
         let sse = Sse::connect(
             addr,
