@@ -425,10 +425,12 @@ async fn sighup_swaps_the_certificate_without_dropping_streams() {
     assert_eq!(messages.last().map(|m| m.1.as_str()), Some("end"));
 }
 
-/// Memory of idle h2 streams: `H2_CONNECTIONS` connections of `H2_STREAMS` live
-/// streams each, opened by h2load, and the gateway's (this process's) RSS before and
-/// while they are open. A figure, never an assertion; run it by hand:
-/// `H2_CONNECTIONS=20 H2_STREAMS=100 cargo test --release --test tls -- --ignored --nocapture`
+/// Memory of idle streams: `H2_CONNECTIONS` connections of `H2_STREAMS` live streams
+/// each, opened by h2load, and the gateway's (this process's) RSS before and while they
+/// are open. `H2_MODE`: `tls` (h2 over the gateway's TLS, the default), `h2c` (h2 with
+/// prior knowledge, plain) or `h1` (plain HTTP/1.1, one stream per connection: the lean
+/// writer). A figure, never an assertion; run it by hand:
+/// `H2_CONNECTIONS=20 H2_STREAMS=100 cargo test --test tls -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn h2_memory_per_idle_stream() {
@@ -439,20 +441,35 @@ async fn h2_memory_per_idle_stream() {
             .unwrap_or(default)
     };
     let (conns, per) = (env("H2_CONNECTIONS", 20), env("H2_STREAMS", 100));
+    let mode = std::env::var("H2_MODE").unwrap_or_else(|_| "tls".into());
+    let tls = mode == "tls";
     let certs = Certs::make("memory");
     let ca = certs.path("ca.pem");
     let url = database().await;
     let db = eventgate::db::connect(&url).await.unwrap();
-    let mut config = tls_config(&url, &certs);
+    let mut config = if tls {
+        tls_config(&url, &certs)
+    } else {
+        Config::new(&url)
+    };
     config.max_streams_per_client = usize::MAX;
-    let gateway = https_gateway(config, &ca).await;
+    let gateway = if tls {
+        https_gateway(config, &ca).await
+    } else {
+        Gateway::start_with(config).await
+    };
     let open = |job: Uuid, c: u64, m: u64| {
+        let scheme = if tls { "https" } else { "http" };
         let target = format!(
-            "https://127.0.0.1:{}{}",
+            "{scheme}://127.0.0.1:{}{}",
             gateway.addr.port(),
             stream_path(job)
         );
-        tokio::process::Command::new("h2load")
+        let mut h2load = tokio::process::Command::new("h2load");
+        if mode == "h1" {
+            h2load.arg("--h1");
+        }
+        h2load
             .args(["-t", "1", "-n", &(c * m).to_string(), "-c", &c.to_string()])
             .args(["-m", &m.to_string(), "-H", "Accept: text/event-stream"])
             .arg(target)
@@ -466,14 +483,25 @@ async fn h2_memory_per_idle_stream() {
         let ca = ca.clone();
         async move {
             wait_for(&format!("{n} streams open"), || async {
-                metric(addr, &ca, "eventgate_streams_open").await == n
+                let open = if tls {
+                    metric(addr, &ca, "eventgate_streams_open").await
+                } else {
+                    let res = get(addr, "/metrics").await.unwrap();
+                    metric_value(&res.text(), "eventgate_streams_open")
+                };
+                open == n
             })
             .await;
         }
     };
     // A warm-up round, so one-time allocations are in the baseline.
     let warm = create_job(&db).await;
-    let warm_up = open(warm, 4, 25);
+    // (HTTP/1.1 has one stream per connection: more would be pipelined.)
+    let warm_up = if mode == "h1" {
+        open(warm, 100, 1)
+    } else {
+        open(warm, 4, 25)
+    };
     streams(100).await;
     drop(warm_up);
     streams(0).await;
@@ -487,7 +515,7 @@ async fn h2_memory_per_idle_stream() {
     let during = rss_kib();
     let n = conns * per;
     println!(
-        "h2 memory: {conns} connections x {per} idle streams = {n}: RSS {before} -> {during} KiB, \
+        "{mode} memory: {conns} connections x {per} idle streams = {n}: RSS {before} -> {during} KiB, \
          {:.2} KiB per stream (connections' share included)",
         (during.saturating_sub(before)) as f64 / n as f64
     );
