@@ -76,6 +76,10 @@ pub struct Config {
     pub insecure_no_auth: bool,
     /// Origins allowed to call the API from a browser (CORS), exact match.
     pub cors_origins: Vec<String>,
+    /// HTTPS with this certificate and key (`--tls-cert`, `--tls-key`); plain without.
+    pub tls: Option<crate::tls::Files>,
+    /// Peers whose forwarded-client headers are believed (`--trusted-proxy`).
+    pub trusted_proxies: Vec<crate::proxy::Cidr>,
 }
 
 impl Config {
@@ -101,6 +105,8 @@ impl Config {
             auth: crate::auth::Auth::off(),
             insecure_no_auth: false,
             cors_origins: Vec::new(),
+            tls: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -127,6 +133,8 @@ impl fmt::Debug for Config {
             .field("auth", &self.auth)
             .field("insecure_no_auth", &self.insecure_no_auth)
             .field("cors_origins", &self.cors_origins)
+            .field("tls", &self.tls)
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish()
     }
 }

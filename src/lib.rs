@@ -27,12 +27,14 @@
 //! - `status`: the job list's single stream of status changes.
 //! - `listen`: the one LISTEN connection, its reconnects and catch-up sweeps; wakes the
 //!   hub and the status feed.
+//! - [`proxy`]: who the client is behind a trusted reverse proxy (`--trusted-proxy`).
 //! - `limits`: per-client caps (open streams per address).
 //! - [`stream`]: one subscriber: backfill, hand-over to live, lag recovery, end.
 //! - `http`: the HTTP edge: one route table, errors, bodies, typed queries, CORS, jobs,
 //!   events, streams, the raw log (`log`) and the embedded dashboard.
 //! - [`conn`]: one connection: event streams written without hyper's buffers (its
 //!   `writer`), the rest by hyper.
+//! - [`tls`]: HTTPS: the certificate (re-read on SIGHUP) and ALPN `h2`, `http/1.1`.
 //! - [`server`]: the accept loop, connection limits, background tasks and the drain.
 //! - [`worker`]: `eventgate run`: a command's output as batched, redacted events.
 //! - [`tail`]: `eventgate tail`, a job's log followed in a terminal over SSE.
@@ -53,6 +55,7 @@ mod limits;
 mod listen;
 mod metrics;
 pub mod model;
+pub mod proxy;
 pub mod prune;
 pub mod server;
 pub mod sse;
@@ -60,6 +63,7 @@ mod status;
 pub mod store;
 pub mod stream;
 pub mod tail;
+pub mod tls;
 pub mod worker;
 
 pub use config::Config;

@@ -153,6 +153,20 @@ struct GatewayArgs {
         value_delimiter = ','
     )]
     cors_origins: Vec<String>,
+    /// PEM certificate chain: serve HTTPS with ALPN h2 and http/1.1 (re-read on SIGHUP).
+    #[arg(long, env = "EVENTGATE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "EVENTGATE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Peer (CIDR, or one address) whose X-Forwarded-For / Forwarded and
+    /// X-Forwarded-Proto are believed (repeat).
+    #[arg(
+        long = "trusted-proxy",
+        env = "EVENTGATE_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<eventgate::proxy::Cidr>,
 }
 
 impl GatewayArgs {
@@ -179,6 +193,13 @@ impl GatewayArgs {
         }
         config.insecure_no_auth = self.insecure_no_auth;
         config.cors_origins = self.cors_origins.clone();
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config.tls = Some(eventgate::tls::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            });
+        }
+        config.trusted_proxies = self.trusted_proxies.clone();
         config
     }
 }

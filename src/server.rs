@@ -91,7 +91,13 @@ impl AcceptErrors {
         }
     }
 
-    async fn handle(&mut self, listener: &TcpListener, error: std::io::Error, retry_ms: u64) {
+    async fn handle(
+        &mut self,
+        listener: &TcpListener,
+        error: std::io::Error,
+        retry_ms: u64,
+        tls: bool,
+    ) {
         self.metrics.accept_errors.inc();
         self.unlogged += 1;
         let now = tokio::time::Instant::now();
@@ -110,7 +116,10 @@ impl AcceptErrors {
             if let Ok(Ok((stream, _))) =
                 tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
             {
-                shed(stream, retry_ms);
+                // Over TLS a plain 503 is noise to the client: just close.
+                if !tls {
+                    shed(stream, retry_ms);
+                }
             }
             self.spare = std::fs::File::open("/dev/null").ok();
         } else {
@@ -161,6 +170,10 @@ pub async fn run(
         }
         tracing::warn!(%addr, "auth is off: anyone who can reach this address reads every job");
     }
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(crate::tls::Tls::load(files.clone())?)),
+        None => None,
+    };
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::default());
     let pool = crate::db::pool(&config.database_url, config.pool_size)?;
@@ -216,21 +229,38 @@ pub async fn run(
         http2,
         header_timeout: config.header_timeout,
         send_timeout: config.send_timeout,
+        tls: tls.clone(),
     });
+    // The handler is installed here, before the first connection: from now on a
+    // SIGHUP reloads the certificate instead of ending the process.
+    let reload_task = match tls {
+        Some(tls) => {
+            let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(|e| crate::Error::config(format!("cannot handle SIGHUP: {e}")))?;
+            Some(tokio::spawn(reload_on_sighup(tls, hangup, stop.clone())))
+        }
+        None => None,
+    };
     // Every connection holds a permit of `limit` until it ends, and is a task of
     // `connections`, so that the drain can wait for it and abort it at the deadline.
     let limit = Arc::new(Semaphore::new(connection_cap(&config)));
     let mut accept_errors = AcceptErrors::new(metrics.clone());
     let mut connections = JoinSet::new();
 
-    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    let scheme = if shared.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(addr = %listener.local_addr()?, scheme, "gateway listening");
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    accept_errors.handle(&listener, e, config.retry_ms).await;
+                    let tls = shared.tls.is_some();
+                    accept_errors.handle(&listener, e, config.retry_ms, tls).await;
                     continue;
                 }
             },
@@ -241,7 +271,10 @@ pub async fn run(
         let _ = stream.set_nodelay(true);
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             metrics.connections_refused.inc();
-            connections.spawn(conn::refuse(stream, config.retry_ms));
+            // A 503 over TLS would cost a handshake: an HTTPS client is just closed.
+            if shared.tls.is_none() {
+                connections.spawn(conn::refuse(stream, config.retry_ms));
+            }
             continue;
         };
         let open = Open::new(metrics.clone(), permit);
@@ -272,6 +305,11 @@ pub async fn run(
     }
     stop.cancel();
     hub.stopped().await;
+    if let Some(task) = reload_task {
+        if let Err(e) = task.await {
+            tracing::error!(task = "tls reload", error = %e, "background task failed");
+        }
+    }
     for (name, task) in [
         ("listener", listener_task),
         ("ticker", ticker_task),
@@ -283,6 +321,23 @@ pub async fn run(
     }
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Re-reads the certificate and key on each SIGHUP; open connections keep theirs.
+async fn reload_on_sighup(
+    tls: Arc<crate::tls::Tls>,
+    mut hangup: tokio::signal::unix::Signal,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            Some(()) = hangup.recv() => match tls.reload() {
+                Ok(()) => tracing::info!(cert = %tls.files().cert.display(), "tls certificate reloaded"),
+                Err(e) => tracing::error!(error = %e, "tls reload failed; keeping the certificate in use"),
+            },
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 /// Keep-alives for every stream, and dropping idle jobs, on one timer each.

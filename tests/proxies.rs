@@ -1308,3 +1308,200 @@ async fn latency_added_by_each_proxy_is_reported() {
         &latency,
     );
 }
+
+// ---------------------------------------------------------------------------------
+// The browser's address, as the gateway sees it (--trusted-proxy).
+
+/// Everything the gateways of this test binary log, for checks on what they say.
+fn captured_log() -> Arc<Mutex<Vec<u8>>> {
+    static LOG: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        struct Into(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Into {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = log.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || Into(sink.clone()))
+            .try_init();
+        log
+    })
+    .clone()
+}
+
+/// The lines of the captured log that mention `needle`.
+fn log_lines(needle: &str) -> Vec<String> {
+    let log = captured_log();
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    text.lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A stream through `proxy` from a browser at `from`, as EventSource opens it.
+async fn stream_from(proxy: &Proxy, from: &str, job: Uuid) -> Sse {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut conn = Conn::new(socket.connect(proxy.addr).await.unwrap());
+    let headers = [
+        BROWSER,
+        &[
+            ("Accept", "text/event-stream"),
+            // Forged: a trusted proxy's own X-Forwarded-For replaces it.
+            ("X-Forwarded-For", "203.0.113.9"),
+        ],
+    ]
+    .concat();
+    conn.send("GET", &stream_path(job), &headers, None, false)
+        .await
+        .unwrap();
+    let (status, headers) = conn.read_head().await.unwrap();
+    Sse::from_parts(status, headers, conn)
+}
+
+/// With `--trusted-proxy 127.0.0.1` on the gateway, behind each proxy: the stream's
+/// log lines name the browser (127.0.0.2), not the proxy or a forged address, and the
+/// per-address cap counts browsers: a second stream from 127.0.0.2 is refused with 429
+/// while one from 127.0.0.3 opens. Without the flag, every browser is the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_proxy_lets_the_gateway_log_and_cap_the_browsers_address() {
+    captured_log();
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    for kind in Kind::ALL {
+        let Some(bin) = kind.binary() else { continue };
+        for trusted in [true, false] {
+            let mut config = Config::new(&url);
+            config.max_streams_per_client = 1;
+            if trusted {
+                config.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+            }
+            // One replica in both slots: the cap is per replica.
+            let gateway = Gateway::start_with(config).await;
+            let proxy = Proxy::start(kind, &bin, None, [gateway.addr, gateway.addr]).await;
+            let label = proxy.label();
+            let job = create_job(&db).await;
+
+            let mut first = stream_from(&proxy, "127.0.0.2", job).await;
+            assert_eq!(first.status, 200, "{label}");
+            first.next_raw().await;
+            let opened = log_lines(&job.to_string());
+            let opened: Vec<&String> = opened
+                .iter()
+                .filter(|l| l.contains("stream opened"))
+                .collect();
+            assert_eq!(opened.len(), 1, "{label}: {opened:?}");
+            let second = stream_from(&proxy, "127.0.0.2", job).await;
+            let other = stream_from(&proxy, "127.0.0.3", job).await;
+            if trusted {
+                assert!(
+                    opened[0].contains("client=127.0.0.2:"),
+                    "{label}: the gateway logged {}",
+                    opened[0]
+                );
+                assert_eq!(second.status, 429, "{label}: a second stream of 127.0.0.2");
+                assert_eq!(other.status, 200, "{label}: 127.0.0.3 has its own streams");
+            } else {
+                assert!(
+                    opened[0].contains("client=127.0.0.1:"),
+                    "{label}: untrusted, the gateway logged {}",
+                    opened[0]
+                );
+                assert_eq!(second.status, 429, "{label}");
+                assert_eq!(other.status, 429, "{label}: every browser is the proxy");
+            }
+            println!(
+                "{label}: --trusted-proxy {}: the gateway logs {:?}; caps count {}",
+                if trusted { "127.0.0.1" } else { "unset" },
+                opened[0]
+                    .split_whitespace()
+                    .find(|w| w.starts_with("client="))
+                    .unwrap_or("?"),
+                if trusted { "browsers" } else { "the proxy" },
+            );
+            set_status(&db, job, "succeeded").await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// A storm of readers of a finished job, absorbed by nginx's cache.
+
+const PAGE_READS: &str = "eventgate_table_reads_total{purpose=\"page\"}";
+
+/// 1,000 clients (50 at a time) each read five pages of a finished 100,000-event job
+/// through nginx started from deploy/nginx.conf in front of two replicas: every answer
+/// is the right page, and the replicas' page reads move by about the number of
+/// distinct pages, not by the number of requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_absorbs_a_storm_of_readers_of_a_finished_job() {
+    use futures::StreamExt;
+    let Some(bin) = Kind::Nginx.binary() else {
+        return;
+    };
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let a = Gateway::start(&url).await;
+    let b = Gateway::start(&url).await;
+    let proxy = Proxy::start(Kind::Nginx, &bin, None, [a.addr, b.addr]).await;
+    const EVENTS: usize = 100_000;
+    let job = create_job(&db).await;
+    insert(&db, job, EVENTS, "history").await;
+    set_status(&db, job, "succeeded").await;
+    let pages: Vec<(i64, String)> = (0..5)
+        .map(|k| {
+            let after = k * (EVENTS as i64 / 5);
+            (
+                after,
+                format!("/api/queue/jobs/{job}/events?afterSeq={after}&limit=200"),
+            )
+        })
+        .collect();
+    let reads = || async { a.metric(PAGE_READS).await + b.metric(PAGE_READS).await };
+    let before = reads().await;
+
+    const CLIENTS: usize = 1000;
+    const AT_ONCE: usize = 50;
+    let started = Instant::now();
+    let statuses: Vec<Vec<String>> = futures::stream::iter(0..CLIENTS)
+        .map(|_| async {
+            let mut seen = Vec::new();
+            for (after, page) in &pages {
+                let res = get(proxy.addr, page).await.unwrap();
+                assert_eq!(res.status, 200, "{page}: {}", res.text());
+                let body = res.json();
+                let items = body["items"].as_array().unwrap();
+                assert_eq!(items.len(), 200, "{page}");
+                assert_eq!(items[0]["seq"], after + 1, "{page}");
+                seen.push(res.header("x-cache-status").unwrap_or("-").to_string());
+            }
+            seen
+        })
+        .buffer_unordered(AT_ONCE)
+        .collect()
+        .await;
+    let elapsed = started.elapsed();
+    let moved = reads().await - before;
+    let requests = CLIENTS * pages.len();
+    let hits = statuses.iter().flatten().filter(|s| *s == "HIT").count();
+    println!(
+        "nginx cache: {CLIENTS} clients x {} pages of a finished {EVENTS}-event job = \
+         {requests} requests in {elapsed:.1?}: {hits} HIT; the replicas read {moved} page(s)",
+        pages.len()
+    );
+    assert!(
+        moved >= 1 && moved <= 2 * pages.len() as u64,
+        "{requests} requests for {} distinct pages cost {moved} table reads",
+        pages.len()
+    );
+}

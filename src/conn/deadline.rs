@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-pub(super) struct SendDeadline {
-    io: TcpStream,
+pub(super) struct SendDeadline<I> {
+    io: I,
     timeout: Duration,
     /// Armed while a write waits for room; dropped when bytes go out.
     stalled: Option<Pin<Box<Sleep>>>,
@@ -23,8 +22,8 @@ pub(super) struct SendDeadline {
     fired: Counter,
 }
 
-impl SendDeadline {
-    pub(super) fn new(io: TcpStream, timeout: Duration, fired: Counter) -> SendDeadline {
+impl<I> SendDeadline<I> {
+    pub(super) fn new(io: I, timeout: Duration, fired: Counter) -> SendDeadline<I> {
         SendDeadline {
             io,
             timeout,
@@ -63,7 +62,7 @@ impl SendDeadline {
     }
 }
 
-impl AsyncRead for SendDeadline {
+impl<I: AsyncRead + Unpin> AsyncRead for SendDeadline<I> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -73,7 +72,7 @@ impl AsyncRead for SendDeadline {
     }
 }
 
-impl AsyncWrite for SendDeadline {
+impl<I: AsyncWrite + Unpin> AsyncWrite for SendDeadline<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

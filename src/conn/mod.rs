@@ -16,6 +16,12 @@
 //! pipelined requests. A connection kept alive after a stream ends is handed to hyper
 //! for its next requests. The stream's bytes are written by [`writer`], whose docs
 //! hold its readiness contract.
+//!
+//! With TLS ([`crate::tls`]) the handshake comes first, under the same deadline as a
+//! first head, and nothing is allocated for it until the client sends its first byte
+//! (a client that connects and says nothing costs its task and socket, then is let
+//! go). ALPN picks the protocol: `h2` is served by hyper's HTTP/2, everything else by
+//! hyper's HTTP/1.1; the lean writer above is for plain sockets only.
 
 use std::io;
 use std::net::SocketAddr;
@@ -31,8 +37,8 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulConnection;
-use tokio::io::AsyncReadExt;
 use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -48,10 +54,13 @@ pub struct Shared {
     pub(crate) app: Arc<App>,
     pub(crate) http1: http1::Builder,
     pub(crate) http2: http2::Builder<TokioExecutor>,
-    /// How long a client may take to send its first request head.
+    /// How long a client may take to send its first request head (and, with TLS, to
+    /// finish its handshake).
     pub(crate) header_timeout: Duration,
     /// How long a socket may take no bytes of a response (`--send-timeout`).
     pub(crate) send_timeout: Duration,
+    /// HTTPS, when `--tls-cert` is set.
+    pub(crate) tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// The most of a request head that is peeked at; longer heads go to hyper.
@@ -71,6 +80,9 @@ pub async fn serve(
     shared: Arc<Shared>,
     drain: CancellationToken,
 ) {
+    if let Some(tls) = shared.tls.clone() {
+        return serve_tls(stream, peer, &shared, drain, &tls).await;
+    }
     // A client that sends nothing is cut off like one that sends headers slowly.
     let first = tokio::time::timeout(shared.header_timeout, sniff(&stream)).await;
     // The hyper paths are boxed: their state is large, and inline it would be part of
@@ -96,6 +108,38 @@ pub async fn serve(
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Serves one HTTPS connection: the handshake, then hyper with the protocol ALPN chose.
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    drain: CancellationToken,
+    tls: &crate::tls::Tls,
+) {
+    let acceptor = tls.acceptor();
+    let handshake = async move {
+        // No TLS state until the client speaks.
+        stream.readable().await?;
+        acceptor.accept(stream).await
+    };
+    let stream = match tokio::time::timeout(shared.header_timeout, handshake).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(client = %peer, error = %e, "tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(client = %peer, "tls handshake not finished in time");
+            return;
+        }
+    };
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let result = Box::pin(serve_hyper_io(stream, peer, shared, drain, h2, true)).await;
+    if let Err(e) = result {
+        tracing::debug!(client = %peer, error = %e, "connection ended with an error");
+    }
+}
+
 async fn serve_hyper(
     stream: TcpStream,
     peer: SocketAddr,
@@ -103,9 +147,30 @@ async fn serve_hyper(
     drain: CancellationToken,
     h2: bool,
 ) -> Result<(), BoxError> {
+    serve_hyper_io(stream, peer, shared, drain, h2, false).await
+}
+
+/// Serves a connection with hyper: HTTP/2 when `h2`, else HTTP/1.1. `encrypted`: the
+/// connection is HTTPS, which the handlers can see ([`crate::proxy::Encrypted`]).
+async fn serve_hyper_io<I>(
+    stream: I,
+    peer: SocketAddr,
+    shared: &Shared,
+    drain: CancellationToken,
+    h2: bool,
+    encrypted: bool,
+) -> Result<(), BoxError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let app = shared.app.clone();
     let fired = app.metrics().streams_ended_send_timeout.clone();
-    let service = service_fn(move |req| http::handle(app.clone(), req, peer));
+    let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        if encrypted {
+            req.extensions_mut().insert(crate::proxy::Encrypted);
+        }
+        http::handle(app.clone(), req, peer)
+    });
     let io = TokioIo::new(deadline::SendDeadline::new(
         stream,
         shared.send_timeout,

@@ -8,6 +8,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::body::{json_response, read_json, Body, RequestBody};
+use super::cache;
 use super::error::{ApiError, Result};
 use super::query::{Original, PageQuery};
 use super::App;
@@ -136,9 +137,20 @@ pub(super) async fn page<B>(app: &App, id: Uuid, req: &Request<B>) -> Result<Res
     let limit = query.limit;
 
     let client = app.pool.get().await?;
-    let Some((status, _)) = store::job_cursor(&client, id).await? else {
+    let Some((status, last_seq)) = store::job_cursor(&client, id).await? else {
         return Err(ApiError::job_not_found());
     };
+    // A finished job's pages never change ([`super::cache`]): a client or cache that
+    // holds this one gets 304 before any read of its events.
+    let auth_on = app.config.auth.is_on();
+    let etag = status
+        .is_terminal()
+        .then(|| cache::etag(id, last_seq, "page", req.uri().query()));
+    if let Some(etag) = &etag {
+        if cache::not_modified(req, etag) {
+            return Ok(cache::unchanged(etag, auth_on, None));
+        }
+    }
     // `line=N`: the page starts at the event holding line N (or the log's start).
     let line_start = match query.line {
         Some(line) => Some(
@@ -179,14 +191,18 @@ pub(super) async fn page<B>(app: &App, id: Uuid, req: &Request<B>) -> Result<Res
         next_after_seq: i64,
         job_status: crate::model::JobStatus,
     }
-    Ok(json_response(
+    let mut res = json_response(
         StatusCode::OK,
         &Page {
             items: items.iter().map(|i| &**i).collect(),
             next_after_seq: next_after,
             job_status: status,
         },
-    ))
+    );
+    if let Some(etag) = &etag {
+        cache::mark(res.headers_mut(), etag, auth_on);
+    }
+    Ok(res)
 }
 
 /// A polling page's events as JSON, cut where they reach [`store::PAGE_BYTES`] (at

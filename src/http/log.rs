@@ -26,7 +26,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
-use super::{ApiError, App, Body};
+use super::{cache, ApiError, App, Body};
 use crate::auth::Grant;
 use crate::backoff::Backoff;
 use crate::hub::{Hub, Item, Start, Subscription};
@@ -223,6 +223,8 @@ pub async fn serve<B>(
             .and_then(|v| v.to_str().ok()),
     );
     let mut follow = None;
+    let mut etag = None;
+    let auth_on = app.config.auth.is_on();
     if options.follow {
         // A following response is long-lived: it counts against the client's streams.
         let slot = app.stream_slot(peer)?;
@@ -248,8 +250,17 @@ pub async fn serve<B>(
         }
     } else {
         let client = app.pool.get().await?;
-        if store::job_cursor(&client, id).await?.is_none() {
+        let Some((status, last_seq)) = store::job_cursor(&client, id).await? else {
             return Err(not_found());
+        };
+        // A finished job's log never changes ([`super::cache`]).
+        if status.is_terminal() {
+            let what = format!("log-{}", coding.header().unwrap_or("identity"));
+            let tag = cache::etag(id, last_seq, &what, req.uri().query());
+            if cache::not_modified(req, &tag) {
+                return Ok(cache::unchanged(&tag, auth_on, Some("Accept-Encoding")));
+            }
+            etag = Some(tag);
         }
     }
     let reader = Reader {
@@ -283,9 +294,15 @@ pub async fn serve<B>(
             HeaderValue::from_str(&value).expect("a uuid is a valid header value"),
         );
     }
-    Ok(res
+    let mut res = res
         .body(StreamBody::new(frames).boxed_unsync())
-        .expect("constant headers won't error"))
+        .expect("constant headers won't error");
+    if let Some(etag) = &etag {
+        cache::mark(res.headers_mut(), etag, auth_on);
+        // Not a live response: a proxy may buffer it (nginx caches only what it buffers).
+        res.headers_mut().remove("x-accel-buffering");
+    }
+    Ok(res)
 }
 
 fn not_found() -> ApiError {

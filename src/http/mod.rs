@@ -7,6 +7,7 @@
 //! a socket (and, for everything that is refused before a query, without a database).
 
 mod body;
+mod cache;
 mod cors;
 mod error;
 mod events;
@@ -169,9 +170,15 @@ impl App {
 /// The service of every connection.
 pub(crate) async fn handle<B: RequestBody>(
     app: Arc<App>,
-    req: Request<B>,
+    mut req: Request<B>,
     peer: SocketAddr,
 ) -> std::result::Result<Response<Body>, Infallible> {
+    // From here on `peer` is the client as far as it is believed: behind a trusted
+    // proxy, the address it forwarded. Logs and per-address caps see that one.
+    let encrypted = req.extensions().get::<crate::proxy::Encrypted>().is_some();
+    let client = crate::proxy::client(peer, encrypted, req.headers(), &app.config.trusted_proxies);
+    req.extensions_mut().insert(client);
+    let peer = client.addr;
     let origin = cors::allowed_origin(&app.config, &req);
     if req.method() == Method::OPTIONS && req.headers().contains_key(header::ORIGIN) {
         return Ok(cors::preflight(origin));

@@ -109,19 +109,25 @@ impl Gateway {
     }
 
     pub async fn start_on(addr: SocketAddr, config: Config) -> Gateway {
+        let gateway = Gateway::start_unchecked(addr, config).await;
+        gateway.wait_ready().await;
+        gateway
+    }
+
+    /// Starts a gateway without waiting for its plain-HTTP `/readyz` (an HTTPS
+    /// gateway answers none: its test checks readiness over TLS).
+    pub async fn start_unchecked(addr: SocketAddr, config: Config) -> Gateway {
         let listener = bind_retry(addr).await;
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(eventgate::server::run(listener, config, async {
             let _ = stop_rx.await;
         }));
-        let gateway = Gateway {
+        Gateway {
             addr,
             stop_tx: Some(stop_tx),
             task: Some(task),
-        };
-        gateway.wait_ready().await;
-        gateway
+        }
     }
 
     /// Waits until `/readyz` says the LISTEN connection is up.
@@ -426,6 +432,18 @@ impl Sse {
             raw: Vec::new(),
             pending: String::new(),
             ended,
+        }
+    }
+
+    /// A stream whose request the caller sent and whose head it read on `conn`.
+    pub fn from_parts(status: u16, headers: Vec<(String, String)>, conn: Conn) -> Sse {
+        Sse {
+            status,
+            headers,
+            conn,
+            raw: Vec::new(),
+            pending: String::new(),
+            ended: status != 200,
         }
     }
 
