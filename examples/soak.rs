@@ -3,15 +3,20 @@
 //!
 //! `cargo run --release --example soak -- --duration 60`
 //!
-//! It starts a throwaway PostgreSQL, two gateway replicas as separate processes of the
-//! release binary (each with its own LISTEN connection), plain SQL writers (some
+//! It starts a throwaway PostgreSQL primary with a synchronous streaming standby
+//! (`pg_basebackup -R`), two gateway replicas as separate processes of the release
+//! binary (each with its own LISTEN connection, on a two-host `DATABASE_URL` with
+//! `target_session_attrs=read-write`; replica `b` through a loopback relay that can go
+//! silent), plain SQL writers (some
 //! holding slow transactions, in every NOTIFY mode) and, when the binary has the
 //! worker, `eventgate run` processes; then subscribers that behave like browsers. While
 //! they run, faults are injected on a schedule (see `soak/faults.rs`). At the end every
 //! job is finished, every subscriber reads to `end`, and what each received is compared
 //! with the table. One JSON line and a Markdown table go to stdout; the exit status is
-//! non-zero if anything was lost, duplicated, reordered or corrupted, if a subscriber
-//! never reached its end, or if a fault kind was never injected.
+//! non-zero if anything was lost, duplicated, reordered or corrupted, if an event a
+//! writer saw acknowledged is not in the final table as written, if a subscriber got
+//! `event: reset` (with synchronous replication history never goes back), if a
+//! subscriber never reached its end, or if a fault kind was never injected.
 //!
 //! # Layout
 //!
@@ -20,12 +25,15 @@
 //! - `soak/subscriber.rs`: browser-like subscribers and the burst's clients.
 //! - `soak/writers.rs`: SQL writers, the flood, `eventgate run` workers and their command.
 //! - `soak/gateway.rs`: replica processes, their RSS and counters.
+//! - `soak/relay.rs`: the loopback TCP relay of the `blackhole` fault.
 //! - `soak/faults.rs`: the schedule and each fault.
 
 #[path = "soak/faults.rs"]
 mod faults;
 #[path = "soak/gateway.rs"]
 mod gateway;
+#[path = "soak/relay.rs"]
+mod relay;
 #[path = "soak/sse.rs"]
 mod sse;
 #[path = "soak/subscriber.rs"]
@@ -157,17 +165,36 @@ async fn soak(args: Args) -> Result<bool, String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     eprintln!("soak: seed {seed}, logs in {}", dir.display());
 
-    let cluster = tokio::task::spawn_blocking(|| {
-        Cluster::start(Options {
+    // A primary and a synchronous standby: a commit is acknowledged once the standby
+    // has it, so a failover loses nothing a writer was told is stored.
+    let (primary, standby) = tokio::task::spawn_blocking(|| {
+        let primary = Cluster::start(Options {
             fsync: false,
             max_connections: 300,
-        })
+        })?;
+        primary.configure("synchronous_commit = on\nsynchronous_standby_names = '*'")?;
+        let standby = Cluster::standby_of(&primary)?;
+        Ok::<_, std::io::Error>((primary, standby))
     })
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("cannot start postgresql: {e}"))?;
-    let cluster = Arc::new(cluster);
-    let url = cluster.url();
+    let ports = [primary.port(), standby.port()];
+    let pair = Arc::new(tokio::sync::Mutex::new(faults::Pair {
+        clusters: [Arc::new(primary), Arc::new(standby)],
+        primary: 0,
+        failovers: 0,
+    }));
+    let url = multi_host(ports);
+    let mut relays = Vec::new();
+    for port in ports {
+        relays.push(
+            relay::Relay::start(port)
+                .await
+                .map_err(|e| format!("cannot start a relay: {e}"))?,
+        );
+    }
+    let relayed_url = multi_host([relays[0].port, relays[1].port]);
     eventgate::db::migrate(&url)
         .await
         .map_err(|e| format!("migrate: {e}"))?;
@@ -219,9 +246,9 @@ async fn soak(args: Args) -> Result<bool, String> {
 
     // Two replicas.
     let mut replicas = Vec::new();
-    for name in ["a", "b"] {
+    for (name, url) in [("a", &url), ("b", &relayed_url)] {
         let addr = gateway::free_addr().map_err(|e| e.to_string())?;
-        let mut replica = Replica::new(name, addr, &bin, &url, &dir);
+        let mut replica = Replica::new(name, addr, &bin, url, &dir);
         replica.start().await?;
         replicas.push(replica);
     }
@@ -321,7 +348,7 @@ async fn soak(args: Args) -> Result<bool, String> {
     // Faults.
     let plan = faults::schedule(duration, seed);
     let ctx = Arc::new(faults::Context {
-        cluster: cluster.clone(),
+        pair: pair.clone(),
         url: url.clone(),
         replicas: replicas.clone(),
         shared: shared.clone(),
@@ -335,6 +362,9 @@ async fn soak(args: Args) -> Result<bool, String> {
         failed: Default::default(),
         burst_clients: Default::default(),
         floods: Default::default(),
+        relays,
+        noticed: Default::default(),
+        failover_ready: Default::default(),
     });
     let fault_task = tokio::spawn(faults::run(ctx.clone(), plan, stop_rx.clone()));
 
@@ -454,6 +484,18 @@ async fn soak(args: Args) -> Result<bool, String> {
     };
     let injected = ctx.injected.lock().expect("lock").clone();
     let failed = ctx.failed.lock().expect("lock").clone();
+    let acked = commits.check(|job, seq| {
+        let t = truth.get(&job)?;
+        let s = usize::try_from(seq)
+            .ok()
+            .filter(|&s| s >= 1 && s < t.prefix.len())?;
+        Some(t.prefix[s].wrapping_sub(t.prefix[s - 1]))
+    });
+    let figures = Figures {
+        acked,
+        noticed: ctx.noticed.lock().expect("lock").clone(),
+        failover_ready: ctx.failover_ready.lock().expect("lock").clone(),
+    };
     let report = Report::build(
         &run,
         &truth,
@@ -467,11 +509,13 @@ async fn soak(args: Args) -> Result<bool, String> {
         starts,
         drained_in,
         worker_exits,
+        figures,
     );
     println!("{}", report.json);
     println!();
     println!("{}", report.table);
-    drop(cluster);
+    drop(ctx);
+    drop(pair);
     if report.ok {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
@@ -511,6 +555,34 @@ fn gateway_bin(explicit: Option<PathBuf>) -> Result<PathBuf, String> {
         return Err(format!("no gateway binary at {}", bin.display()));
     }
     Ok(bin)
+}
+
+/// The two servers in one connection string: whoever is the primary is found.
+fn multi_host(ports: [u16; 2]) -> String {
+    format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        ports[0], ports[1]
+    )
+}
+
+/// Figures of the failover and blackhole faults, and the check of acknowledged writes.
+struct Figures {
+    acked: writers::Acked,
+    /// Seconds to notice each silenced LISTEN session.
+    noticed: Vec<f64>,
+    /// Seconds from each `kill -9` of the primary to both gateways ready.
+    failover_ready: Vec<f64>,
+}
+
+/// `(median, max)` of `v`, 0 when empty.
+fn median_max(v: &[f64]) -> (f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    match v.last() {
+        Some(&max) => (round(v[v.len() / 2]), round(max)),
+        None => (0.0, 0.0),
+    }
 }
 
 /// Whether subscriber `i` of `jobs` jobs is a slow reader (one round in ten).
@@ -671,6 +743,7 @@ struct Verdict {
     wrong_end: u64,
     incomplete: u64,
     delivered: u64,
+    resets: u64,
 }
 
 impl Report {
@@ -688,6 +761,7 @@ impl Report {
         gateway_starts: u32,
         drained_in: Duration,
         worker_exits: Vec<String>,
+        figures: Figures,
     ) -> Report {
         let mut v = Verdict::default();
         let mut latency = track::histogram();
@@ -717,6 +791,7 @@ impl Report {
             v.duplicated += t.duplicated;
             v.reordered += t.reordered;
             v.corrupt += t.corrupt;
+            v.resets += t.resets;
             v.delivered += t.received;
             if !outcome.complete {
                 v.incomplete += 1;
@@ -753,6 +828,8 @@ impl Report {
             && v.wrong_end == 0
             && v.incomplete == 0
             && table_gaps == 0
+            && v.resets == 0
+            && figures.acked.missing == 0
             && missing_kinds.is_empty()
             && failed.is_empty();
         let ms = |h: &Histogram<u64>, q: f64| {
@@ -800,6 +877,11 @@ impl Report {
             "p99_worker_emit_to_receive_ms": ms(&worker_latency, 0.99),
             "max_gateway_rss_kib": max_rss_kib,
             "connections": shared.connections.load(Ordering::Relaxed),
+            "resets": v.resets,
+            "acknowledged_sql_events": figures.acked.checked,
+            "acknowledged_missing_or_changed": figures.acked.missing,
+            "blackhole_noticed_s": figures.noticed,
+            "failover_gateways_ready_s": figures.failover_ready,
             "lag_resyncs": counters.lag_resyncs,
             "listener_reconnects": counters.listener_reconnects,
             "fault_failures": failed,
@@ -901,6 +983,24 @@ impl Report {
             v.incomplete.to_string(),
         );
         row("table seq gaps", table_gaps.to_string());
+        row(
+            "acknowledged SQL events missing or changed in the final table",
+            format!("{} of {}", figures.acked.missing, figures.acked.checked),
+        );
+        row("`event: reset` received", v.resets.to_string());
+        let (median, max) = median_max(&figures.noticed);
+        row(
+            "blackhole: silent LISTEN noticed after, median / max",
+            format!("{median} / {max} s ({} times)", figures.noticed.len()),
+        );
+        let (median, max) = median_max(&figures.failover_ready);
+        row(
+            "pg_failover: kill -9 to both gateways ready, median / max",
+            format!(
+                "{median} / {max} s ({} times)",
+                figures.failover_ready.len()
+            ),
+        );
         row(
             "commit-to-receive p50 / p99 / max (SQL, live)",
             format!(

@@ -113,6 +113,79 @@ impl Cluster {
         self.pg_ctl(&["stop", "-m", "immediate", "-w"], false)
     }
 
+    /// `kill -9` of the postmaster (its backends notice and exit on their own), then
+    /// waits for it to be gone. Unlike [`Cluster::crash`], nothing is asked of the
+    /// server: this is the machine dying.
+    pub fn kill9(&self) -> io::Result<()> {
+        let pid = self.postmaster_pid()?;
+        // SAFETY: kill(2) with a pid read from our own cluster's postmaster.pid.
+        if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        while Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "postmaster still there after kill -9",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Makes this (stopped or killed) cluster a fresh streaming standby of `primary`:
+    /// its data directory is replaced by a `pg_basebackup -R` of the primary, on the
+    /// same port and directory, so connection strings that name it stay valid.
+    pub fn rebuild_as_standby_of(&self, primary: &Cluster) -> io::Result<()> {
+        if let Ok(pid) = self.postmaster_pid() {
+            if Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
+                return Err(io::Error::other("the server is still running"));
+            }
+        }
+        match std::fs::remove_dir_all(self.data()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut cmd = self.command("pg_basebackup");
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .arg("-D")
+        .arg(self.data())
+        .args(["-R", "-X", "stream", "--no-sync", "-c", "fast"]);
+        run(cmd, "pg_basebackup")?;
+        self.append_conf(&format!(
+            "\n# standby\nport = {}\nunix_socket_directories = '{}'\n",
+            self.port,
+            self.dir.display()
+        ))?;
+        self.pg_ctl(&["start", "-w", "-t", "60"], true)?;
+        self.wait_ready()
+    }
+
+    /// Appends `conf` to `postgresql.conf` and reloads the server (for settings that
+    /// need no restart, such as `synchronous_standby_names`).
+    pub fn configure(&self, conf: &str) -> io::Result<()> {
+        self.append_conf(&format!("\n{conf}\n"))?;
+        self.pg_ctl(&["reload"], false)
+    }
+
+    fn postmaster_pid(&self) -> io::Result<i32> {
+        let text = std::fs::read_to_string(self.data().join("postmaster.pid"))?;
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .ok_or_else(|| io::Error::other("no pid in postmaster.pid"))
+    }
+
     /// The connection string of the `postgres` database.
     pub fn url(&self) -> String {
         self.url_for("postgres")
@@ -320,6 +393,15 @@ fn find_bin_dir() -> io::Result<PathBuf> {
         io::ErrorKind::NotFound,
         "no postgresql server binaries found (install postgresql, or set DATABASE_URL)",
     ))
+}
+
+/// A process that has exited but not been reaped (a killed postmaster whose parent,
+/// `pg_ctl`'s shell, is gone, until init reaps it).
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(true)
 }
 
 fn is_root() -> bool {

@@ -29,20 +29,51 @@ pub const STATUS_CHANNEL: &str = "agent_job_status";
 /// that went silent without a close (a blackholed network, a stalled proxy) is noticed
 /// within `PING_EVERY + PING_TIMEOUT` = 10 s, whatever TCP thinks; meanwhile the
 /// counter poll, on the pool, keeps delivering.
+///
+/// The ping is also the cheap check of whether the database takes writes: a server in
+/// recovery (a demoted primary, a standby) or with `default_transaction_read_only` on
+/// answers `true` (a full disk does not show here: the worker meets it on its INSERT).
 pub const PING_EVERY: Duration = Duration::from_secs(5);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Whether the LISTEN connection is up; read by `/readyz`.
+/// The ping: `t` when the server refuses writes.
+const PING: &str = "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::bool";
+
+/// Whether the LISTEN connection is up, and whether its server refused writes at the
+/// last ping; read by `/readyz`.
 #[derive(Debug, Default, Clone)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    up: Arc<AtomicBool>,
+    read_only: Arc<AtomicBool>,
+}
 
 impl Readiness {
     pub fn is_up(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// The database refuses writes (read-only or in recovery): the gateway still
+    /// serves what exists, but workers cannot add to it.
+    // For `/readyz` (503, reason `database_read_only`): src/http is another helper's
+    // this round, so the route reads it once merged (docs/reliability.md).
+    #[allow(dead_code)]
+    pub fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::Relaxed)
     }
 
     fn set(&self, up: bool) {
-        self.0.store(up, Ordering::Relaxed)
+        self.up.store(up, Ordering::Relaxed)
+    }
+
+    fn set_read_only(&self, read_only: bool, metrics: &Metrics) {
+        metrics.database_read_only.set(i64::from(read_only));
+        if self.read_only.swap(read_only, Ordering::Relaxed) != read_only {
+            if read_only {
+                tracing::warn!("the database refuses writes (read-only); serving what exists");
+            } else {
+                tracing::info!("the database accepts writes again");
+            }
+        }
     }
 }
 
@@ -143,11 +174,17 @@ async fn session(
     let ping = async {
         let mut ticker = tokio::time::interval(PING_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker.tick().await;
         loop {
+            // The first tick is at once: whether the new server takes writes.
             ticker.tick().await;
-            match tokio::time::timeout(PING_TIMEOUT, client.simple_query("SELECT 1")).await {
-                Ok(Ok(_)) => {}
+            match tokio::time::timeout(PING_TIMEOUT, client.simple_query(PING)).await {
+                Ok(Ok(messages)) => {
+                    let read_only = messages.iter().any(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0) == Some("t"),
+                        _ => false,
+                    });
+                    ready.set_read_only(read_only, metrics);
+                }
                 Ok(Err(e)) => return Err(crate::Error::from(e)),
                 Err(_) => {
                     metrics.listener_silent.inc();

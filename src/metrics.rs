@@ -44,6 +44,8 @@ pub struct Metrics {
     pub lag_resyncs: Counter,
     pub listener_reconnects: Counter,
     pub listener_silent: Counter,
+    /// 1 while the database refuses writes (set by the LISTEN session's ping).
+    pub database_read_only: Gauge,
     pub events_delivered: Counter,
     pub bytes_delivered: Counter,
     pub streams_catching_up: Gauge,
@@ -133,6 +135,10 @@ impl Default for Metrics {
             "eventgate_listener_silent",
             "Times the LISTEN connection was dropped for not answering a ping."
         );
+        let database_read_only: Gauge = plain!(
+            "eventgate_database_read_only",
+            "Whether the database refused writes (read-only, in recovery) at the last ping."
+        );
         let listener_up: Gauge = plain!(
             "eventgate_listener_up",
             "Whether the LISTEN connection is up."
@@ -198,6 +204,7 @@ impl Default for Metrics {
             lag_resyncs,
             listener_reconnects,
             listener_silent,
+            database_read_only,
             events_delivered,
             bytes_delivered,
             streams_catching_up: Gauge::default(),
@@ -272,6 +279,7 @@ mod tests {
             ("eventgate_hub_jobs", "3"),
             ("eventgate_hub_receivers", "4"),
             ("eventgate_listener_up", "1"),
+            ("eventgate_database_read_only", "0"),
             ("eventgate_table_reads_total{purpose=\"live\"}", "1"),
             ("eventgate_table_reads_total{purpose=\"backfill\"}", "0"),
             ("eventgate_table_reads_total{purpose=\"page\"}", "1"),

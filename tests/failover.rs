@@ -387,3 +387,246 @@ async fn an_asynchronous_failover_that_lost_commits_resets_then_follows_the_new_
         );
     }
 }
+
+/// A command printing `line 1` .. `line <n>`, one every 10 ms.
+fn counting(n: usize) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!("i=0; while [ $i -lt {n} ]; do i=$((i+1)); echo \"line $i\"; sleep 0.01; done"),
+    ]
+}
+
+/// `eventgate run` (the library) of [`counting`] `n` into a new `job`, on a task.
+fn spawn_worker(
+    url: String,
+    job: Uuid,
+    n: usize,
+) -> tokio::task::JoinHandle<Result<eventgate::worker::Outcome, eventgate::Error>> {
+    tokio::spawn(async move {
+        let worker = eventgate::worker::Worker::builder(url, job)
+            .create(true)
+            .build();
+        worker.run(&counting(n)).await
+    })
+}
+
+/// The stdout lines a job holds on `client`'s server, in seq order.
+async fn stored_lines(client: &tokio_postgres::Client, job: Uuid) -> Vec<String> {
+    client
+        .query(
+            "SELECT message FROM agent_job_events WHERE job_id = $1 \
+             AND payload->>'kind' = 'log' ORDER BY seq",
+            &[&job],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r.get::<_, String>(0)
+                .split('\n')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Asserts `lines` is exactly `line 1` .. `line <n>`: none lost, none twice, in order.
+fn assert_every_line_once(lines: &[String], n: usize) {
+    let expected: Vec<String> = (1..=n).map(|i| format!("line {i}")).collect();
+    if lines != expected {
+        let missing = expected.iter().filter(|l| !lines.contains(l)).count();
+        panic!(
+            "{} lines stored, {missing} missing, first differences: {:?}",
+            lines.len(),
+            lines
+                .iter()
+                .zip(&expected)
+                .filter(|(a, b)| a != b)
+                .take(3)
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+/// Events of `job` on `url`'s server (0 while it cannot be reached).
+async fn count_on(url: &str, job: Uuid) -> i64 {
+    let Ok(client) = eventgate::db::connect(url).await else {
+        return 0;
+    };
+    client
+        .query_one(
+            "SELECT count(*) FROM agent_job_events WHERE job_id = $1",
+            &[&job],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_writing_through_a_synchronous_promotion_stores_every_line_exactly_once() {
+    let (primary, url) = own_cluster().await;
+    tokio::task::block_in_place(|| {
+        primary
+            .configure("synchronous_commit = on\nsynchronous_standby_names = '*'")
+            .expect("synchronous replication on")
+    });
+    let standby = tokio::task::block_in_place(|| {
+        eventgate::cluster::Cluster::standby_of(&primary).expect("a standby")
+    });
+    let multi = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        primary.port(),
+        standby.port()
+    );
+    let job = Uuid::new_v4();
+    let n = 400;
+    let worker = spawn_worker(multi, job, n);
+    wait_for("50 events on the primary", || async {
+        count_on(&url, job).await >= 50
+    })
+    .await;
+
+    // The primary dies mid-run; the synchronous standby takes over.
+    tokio::task::block_in_place(|| {
+        primary.kill9().expect("kill -9 of the primary");
+        standby.promote().expect("promote");
+        // Alone now: it must not wait for a standby it no longer has.
+        standby
+            .configure("synchronous_standby_names = ''")
+            .expect("synchronous replication off");
+    });
+    let outcome = tokio::time::timeout(PATIENCE, worker)
+        .await
+        .expect("the worker finishes")
+        .unwrap()
+        .expect("the worker runs");
+    assert_eq!(outcome.exit_code, 0);
+
+    let new = connect_retry(&standby.url()).await;
+    assert_every_line_once(&stored_lines(&new, job).await, n);
+    assert_numbered(&new, job).await;
+    let status: String = new
+        .query_one("SELECT status FROM agent_jobs WHERE id = $1", &[&job])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_stores_again_what_an_asynchronous_failover_took_back() {
+    let (primary, url) = own_cluster().await;
+    let standby = tokio::task::block_in_place(|| {
+        eventgate::cluster::Cluster::standby_of(&primary).expect("a standby")
+    });
+    let standby_url = standby.url();
+    let multi = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        primary.port(),
+        standby.port()
+    );
+    let job = Uuid::new_v4();
+    let n = 500;
+    let worker = spawn_worker(multi, job, n);
+    wait_for("20 events on the standby", || async {
+        count_on(&standby_url, job).await >= 20
+    })
+    .await;
+    // The standby stops receiving; the primary acknowledges batches it never gets.
+    tokio::task::block_in_place(|| standby.stop().unwrap());
+    let replicated = {
+        // What the standby has is what the primary had when it stopped, at most.
+        count_on(&url, job).await
+    };
+    wait_for("20 more events on the primary only", || async {
+        count_on(&url, job).await >= replicated + 20
+    })
+    .await;
+    tokio::task::block_in_place(|| {
+        primary.kill9().expect("kill -9 of the primary");
+        standby.resume().expect("the standby back");
+        standby.promote().expect("promote");
+    });
+    let outcome = tokio::time::timeout(PATIENCE, worker)
+        .await
+        .expect("the worker finishes")
+        .unwrap()
+        .expect("the worker runs");
+    assert_eq!(outcome.exit_code, 0);
+
+    let new = connect_retry(&standby_url).await;
+    assert_every_line_once(&stored_lines(&new, job).await, n);
+    assert_numbered(&new, job).await;
+}
+
+/// `ALTER SYSTEM SET default_transaction_read_only` from a session that stays writable.
+async fn set_read_only(admin: &tokio_postgres::Client, on: bool) {
+    admin
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET default_transaction_read_only = {}",
+            if on { "on" } else { "off" }
+        ))
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_database_keeps_output_in_the_worker_and_the_gateway_serving() {
+    let (_cluster, url) = own_cluster().await;
+    let admin = eventgate::db::connect(&url).await.unwrap();
+    // A session setting outranks the configuration file: this one can always write.
+    admin
+        .batch_execute("SET default_transaction_read_only = off")
+        .await
+        .unwrap();
+    let gw = Gateway::start(&url).await;
+    let job = Uuid::new_v4();
+    let n = 600;
+    let worker = spawn_worker(url.clone(), job, n);
+    wait_for("20 events", || async { count_on(&url, job).await >= 20 }).await;
+
+    set_read_only(&admin, true).await;
+    wait_for("the gateway to see the database read-only", || async {
+        gw.metric("eventgate_database_read_only").await == 1
+    })
+    .await;
+    // Nothing is added while writes are refused, and what exists is still served.
+    let held = count_on(&url, job).await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(count_on(&url, job).await, held, "writes were refused");
+    let mut sse = Sse::job(gw.addr, job, None).await;
+    assert_eq!(sse.status, 200);
+    assert_exact(&seqs(&sse.until_seq(held).await), 1, held);
+
+    set_read_only(&admin, false).await;
+    wait_for("the gateway to see the database writable", || async {
+        gw.metric("eventgate_database_read_only").await == 0
+    })
+    .await;
+    let outcome = tokio::time::timeout(PATIENCE, worker)
+        .await
+        .expect("the worker finishes")
+        .unwrap()
+        .expect("the worker runs");
+    assert_eq!(outcome.exit_code, 0);
+    assert_every_line_once(&stored_lines(&admin, job).await, n);
+    assert_numbered(&admin, job).await;
+    let notice = admin
+        .query_one(
+            "SELECT seq, message, (payload->>'refusedSeconds')::float8 FROM agent_job_events \
+             WHERE job_id = $1 AND payload->>'notice' = 'writes_refused'",
+            &[&job],
+        )
+        .await
+        .expect("one writes_refused notice");
+    let (seq, message, secs): (i64, String, f64) = (notice.get(0), notice.get(1), notice.get(2));
+    assert_eq!(seq, held + 1, "the notice comes first after the refusal");
+    assert!(secs >= 1.0, "{message}");
+    assert!(message.contains("read-only"), "{message}");
+}

@@ -2,8 +2,9 @@
 //!
 //! Every kind runs at least once per minute of the run (at least once in total), in a
 //! shuffled order per round. A fault is counted only once it really happened (a
-//! backend terminated, the server restarted, the replica killed and back), so the
-//! report's counts are facts, not intentions.
+//! backend terminated, the server restarted, the replica killed and back, the standby
+//! promoted, the LISTEN session silenced and replaced), so the report's counts are
+//! facts, not intentions.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -15,6 +16,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::gateway::Replica;
+use crate::relay::Relay;
 use crate::subscriber::{self, Outcome, Shared, Spec};
 use crate::writers::{self, Stats};
 
@@ -29,16 +31,20 @@ pub enum Kind {
     GatewayKill,
     SubscriberStall,
     ReconnectBurst,
+    PgFailover,
+    Blackhole,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 8] = [
         Kind::ListenerKill,
         Kind::PoolKill,
         Kind::PgRestart,
         Kind::GatewayKill,
         Kind::SubscriberStall,
         Kind::ReconnectBurst,
+        Kind::PgFailover,
+        Kind::Blackhole,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +55,8 @@ impl Kind {
             Kind::GatewayKill => "gateway_kill",
             Kind::SubscriberStall => "subscriber_stall",
             Kind::ReconnectBurst => "reconnect_burst",
+            Kind::PgFailover => "pg_failover",
+            Kind::Blackhole => "blackhole",
         }
     }
 }
@@ -75,9 +83,31 @@ pub fn schedule(duration: Duration, seed: u64) -> Vec<(Duration, Kind)> {
         .collect()
 }
 
+/// The primary and its synchronous streaming standby. A failover swaps the roles:
+/// the standby is promoted, the old primary (killed) is rebuilt as the new standby on
+/// its old port, so the multi-host `DATABASE_URL` of every process stays valid and the
+/// next failover goes the other way.
+pub struct Pair {
+    pub clusters: [Arc<Cluster>; 2],
+    pub primary: usize,
+    pub failovers: u64,
+}
+
+impl Pair {
+    pub fn primary(&self) -> Arc<Cluster> {
+        self.clusters[self.primary].clone()
+    }
+
+    pub fn standby(&self) -> Arc<Cluster> {
+        self.clusters[1 - self.primary].clone()
+    }
+}
+
 /// What the faults act on.
 pub struct Context {
-    pub cluster: Arc<Cluster>,
+    /// Held for the whole of a restart or a failover: they never overlap.
+    pub pair: Arc<tokio::sync::Mutex<Pair>>,
+    /// Multi-host (`target_session_attrs=read-write`): always reaches the primary.
     pub url: String,
     pub replicas: Arc<tokio::sync::Mutex<Vec<Replica>>>,
     pub shared: Arc<Shared>,
@@ -93,6 +123,13 @@ pub struct Context {
     pub failed: Mutex<Vec<String>>,
     pub burst_clients: Mutex<Vec<JoinHandle<Outcome>>>,
     pub floods: Mutex<Vec<JoinHandle<u64>>>,
+    /// Between replica `b` and each server of the pair.
+    pub relays: Vec<Relay>,
+    /// Seconds from silencing the LISTEN session to the gateway noticing, per blackhole.
+    pub noticed: Mutex<Vec<f64>>,
+    /// Seconds from `kill -9` of the primary until both gateways were ready again, per
+    /// failover.
+    pub failover_ready: Mutex<Vec<f64>>,
 }
 
 impl Context {
@@ -160,7 +197,8 @@ async fn inject(ctx: &Context, kind: Kind, nth: u64) -> Result<String, String> {
             Ok(format!("terminated {n} pool backend(s)"))
         }
         Kind::PgRestart => {
-            let cluster = ctx.cluster.clone();
+            let pair = ctx.pair.lock().await;
+            let cluster = pair.primary();
             let began = std::time::Instant::now();
             tokio::task::spawn_blocking(move || cluster.restart())
                 .await
@@ -216,7 +254,144 @@ async fn inject(ctx: &Context, kind: Kind, nth: u64) -> Result<String, String> {
             ))
         }
         Kind::ReconnectBurst => burst(ctx, nth).await,
+        Kind::PgFailover => failover(ctx).await,
+        Kind::Blackhole => blackhole(ctx).await,
     }
+}
+
+/// `kill -9` of the primary, `pg_ctl promote` of the synchronous standby, then the old
+/// primary rebuilt as the new one's standby. While no standby is attached, commits
+/// wait (`synchronous_standby_names = '*'`): nothing is acknowledged that only one
+/// server has.
+async fn failover(ctx: &Context) -> Result<String, String> {
+    let mut pair = ctx.pair.lock().await;
+    let (old, new) = (pair.primary(), pair.standby());
+    let began = std::time::Instant::now();
+    let (o, n) = (old.clone(), new.clone());
+    tokio::task::spawn_blocking(move || {
+        o.kill9()?;
+        n.promote()
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("kill -9 and promote: {e}"))?;
+    let promoted = began.elapsed();
+    pair.primary = 1 - pair.primary;
+    pair.failovers += 1;
+    let (o, n) = (old.clone(), new.clone());
+    tokio::task::spawn_blocking(move || o.rebuild_as_standby_of(&n))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("rebuild the standby: {e}"))?;
+    let rebuilt = began.elapsed();
+    // Both gateways ready again (LISTEN on the new primary, pool answering).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut ready = Vec::new();
+    for &addr in &ctx.shared.replicas {
+        loop {
+            if matches!(crate::sse::get(addr, "/readyz").await, Ok((200, _))) {
+                ready.push(began.elapsed());
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("gateway {addr} not ready 60 s after the failover"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let ready = ready.into_iter().max().unwrap_or_default();
+    ctx.failover_ready
+        .lock()
+        .expect("lock")
+        .push(ready.as_secs_f64());
+    Ok(format!(
+        "kill -9 primary :{}, promoted :{} in {:.1}s, new standby :{} in {:.1}s, \
+         gateways ready {:.1}s after the kill",
+        old.port(),
+        new.port(),
+        promoted.as_secs_f64(),
+        old.port(),
+        rebuilt.as_secs_f64(),
+        ready.as_secs_f64()
+    ))
+}
+
+/// Silences replica `b`'s LISTEN session in its relay (no close) and measures how long
+/// the gateway takes to notice (`eventgate_listener_silent_total`); then lets new
+/// connections through and waits for the session to be replaced. Meanwhile its
+/// subscribers get their events from the counter poll, on the pool.
+async fn blackhole(ctx: &Context) -> Result<String, String> {
+    let addr = *ctx.shared.replicas.last().ok_or("no replica")?;
+    let silent_before = metric(addr, "eventgate_listener_silent_total").await;
+    let silenced_before: u64 = ctx
+        .relays
+        .iter()
+        .map(|r| r.silenced.load(Ordering::SeqCst))
+        .sum();
+    for relay in &ctx.relays {
+        relay.blackhole.store(true, Ordering::SeqCst);
+    }
+    let cut = std::time::Instant::now();
+    let deadline = cut + Duration::from_secs(60);
+    let heal = |ctx: &Context| {
+        for relay in &ctx.relays {
+            relay.blackhole.store(false, Ordering::SeqCst);
+        }
+    };
+    // A replica killed meanwhile (gateway_kill) comes back with its counters at 0.
+    let mut before = silent_before.unwrap_or(0.0);
+    let noticed = loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Some(now) = metric(addr, "eventgate_listener_silent_total").await {
+            if now > before {
+                break cut.elapsed();
+            }
+            before = before.min(now);
+        }
+        if std::time::Instant::now() > deadline {
+            heal(ctx);
+            return Err("the silent LISTEN session was not noticed in 60 s".into());
+        }
+    };
+    heal(ctx);
+    let silenced: u64 = ctx
+        .relays
+        .iter()
+        .map(|r| r.silenced.load(Ordering::SeqCst))
+        .sum();
+    if silenced == silenced_before {
+        return Err("the gateway noticed a silence no relay made".into());
+    }
+    let replaced = loop {
+        if matches!(crate::sse::get(addr, "/readyz").await, Ok((200, _))) {
+            break cut.elapsed();
+        }
+        if std::time::Instant::now() > deadline {
+            return Err("no LISTEN session again 60 s after the blackhole".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ctx.noticed
+        .lock()
+        .expect("lock")
+        .push(noticed.as_secs_f64());
+    Ok(format!(
+        "LISTEN session of b silenced: noticed after {:.1}s, replaced (ready) after {:.1}s",
+        noticed.as_secs_f64(),
+        replaced.as_secs_f64()
+    ))
+}
+
+/// One counter of a replica's `/metrics`, if it answers.
+async fn metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let (status, text) = crate::sse::get(addr, "/metrics").await.ok()?;
+    if status != 200 {
+        return None;
+    }
+    text.lines().find_map(|line| {
+        let (key, value) = line.rsplit_once(' ')?;
+        (key == name).then(|| value.parse().ok())?
+    })
 }
 
 /// `pg_terminate_backend` of the gateways' backends (the pool is 'eventgate', the LISTEN

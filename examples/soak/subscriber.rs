@@ -422,6 +422,7 @@ impl Client {
                     let _ = self.worker_latency.record(us.min(3_600_000_000));
                 }
             }
+            "reset" => self.tracker.resets += 1,
             "end" => {
                 if let Ok(end) = serde_json::from_str::<EndData>(&message.data) {
                     self.tracker.end = Some(End::Frame {

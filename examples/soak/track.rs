@@ -36,6 +36,8 @@ pub struct Tracker {
     pub reordered: u64,
     /// Frames whose data named another job, or whose `id:` and `seq` differ.
     pub corrupt: u64,
+    /// `event: reset` frames (history went back; never, with synchronous replication).
+    pub resets: u64,
     /// Wrapping sum of `content_hash` over the seqs received (first time only).
     pub hash: u64,
     pub end: Option<End>,
@@ -53,6 +55,7 @@ impl Tracker {
             duplicated: 0,
             reordered: 0,
             corrupt: 0,
+            resets: 0,
             hash: 0,
             end: None,
         }

@@ -15,19 +15,29 @@ use crate::subscriber::now_us;
 
 /// One plain multi-row statement for one job, as any client would write.
 const INSERT_ONE_JOB: &str = "INSERT INTO agent_job_events (job_id, level, message, payload) \
-     SELECT $1, 'info', m, '{\"kind\": \"log\", \"stream\": \"stdout\"}' FROM unnest($2::text[]) WITH ORDINALITY AS u(m, o) ORDER BY o RETURNING job_id, seq";
+     SELECT $1, 'info', m, '{\"kind\": \"log\", \"stream\": \"stdout\"}' FROM unnest($2::text[]) WITH ORDINALITY AS u(m, o) ORDER BY o RETURNING job_id, seq, message";
 
 /// One statement touching several jobs (the trigger sends one hint per job).
 const INSERT_MANY_JOBS: &str = "INSERT INTO agent_job_events (job_id, level, message, payload) \
      SELECT j, 'info', m, '{\"kind\": \"log\", \"stream\": \"stdout\"}' FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS u(j, m, o) \
-     ORDER BY o RETURNING job_id, seq";
+     ORDER BY o RETURNING job_id, seq, message";
 
 /// When each SQL-written event's commit was acknowledged to its writer, per job and
 /// seq: the start of its commit-to-receive latency. (The `t=` stamp in the message is
 /// earlier: a statement may wait on the job's row lock behind a slow transaction.)
+/// With it, the content hash of what was written: at the end, every acknowledged
+/// event must be in the final table as written, whatever failed over meanwhile.
 pub struct Commits {
-    /// A std Mutex: nothing awaits while it is held.
-    jobs: HashMap<Uuid, Mutex<Vec<u64>>>,
+    /// `(µs, content hash)` by seq. A std Mutex: nothing awaits while it is held.
+    jobs: HashMap<Uuid, Mutex<Vec<(u64, u64)>>>,
+}
+
+/// Acknowledged events checked against the final table.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Acked {
+    pub checked: u64,
+    /// Not in the table, or there with other content.
+    pub missing: u64,
 }
 
 impl Commits {
@@ -41,21 +51,43 @@ impl Commits {
         for row in rows {
             let job: Uuid = row.get(0);
             let seq: i64 = row.get(1);
+            let message: &str = row.get(2);
             if let Some(log) = self.jobs.get(&job) {
                 let mut log = log.lock().expect("commit log lock");
                 let i = seq as usize;
                 if log.len() <= i {
-                    log.resize(i + 1, 0);
+                    log.resize(i + 1, (0, 0));
                 }
-                log[i] = us;
+                log[i] = (us, crate::track::content_hash(seq, message));
             }
         }
+    }
+
+    /// Compares every acknowledged event with `table(job, seq)`, the content hash of
+    /// that seq in the final table.
+    pub fn check(&self, table: impl Fn(Uuid, i64) -> Option<u64>) -> Acked {
+        let mut acked = Acked::default();
+        for (&job, log) in &self.jobs {
+            let log = log.lock().expect("commit log lock");
+            for (seq, &(us, hash)) in log.iter().enumerate() {
+                if us == 0 {
+                    continue;
+                }
+                acked.checked += 1;
+                if table(job, seq as i64) != Some(hash) {
+                    acked.missing += 1;
+                }
+            }
+        }
+        acked
     }
 
     /// The commit time of `seq`, once its writer has seen the acknowledgement.
     pub fn get(&self, job: Uuid, seq: i64) -> Option<u64> {
         let log = self.jobs.get(&job)?.lock().expect("commit log lock");
-        log.get(seq as usize).copied().filter(|&us| us > 0)
+        log.get(seq as usize)
+            .map(|&(us, _)| us)
+            .filter(|&us| us > 0)
     }
 }
 

@@ -12,7 +12,20 @@
 //! cannot keep the worker from exiting with the command's code. Each event gets its id
 //! here, so after an error that leaves it unknown whether the statement committed, a
 //! look-up of the first id tells, and nothing is stored twice.
+//!
+//! A failover can also take back what WAS acknowledged (asynchronous replication: the
+//! promoted standby never got the last commits). So the batches acknowledged in the
+//! last [`RESEND_WINDOW`] are kept, and after every reconnect their first ids are
+//! looked up on whatever server we reached: the missing ones are stored again, in
+//! their order, before anything new. With synchronous replication none is missing.
+//!
+//! A database that refuses writes (read-only after a demotion or
+//! `default_transaction_read_only`, a full disk) is waited out like an unreachable
+//! one: the output stays in the bounded buffer (which then drops its oldest, and
+//! counts it), a log line says so, and once writes go through again a `notice` event
+//! (`payload.notice = "writes_refused"`) says for how long they were refused.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -36,6 +49,12 @@ const QUERY_ATTEMPTS: u32 = 3;
 /// Wait after such a failure, times the failures so far.
 const QUERY_RETRY: Duration = Duration::from_millis(100);
 
+/// How long an acknowledged batch is kept to be stored again if a failover lost it:
+/// longer than any replication lag we mean to survive.
+pub const RESEND_WINDOW: Duration = Duration::from_secs(30);
+/// Most bytes of acknowledged batches kept for that (the oldest go first).
+const RESEND_BYTES: usize = 16 * 1024 * 1024;
+
 /// `jsonb_populate_recordset` gives each value the column's type, so this works on the
 /// original system's enum `level` as on text.
 const INSERT: &str = "INSERT INTO agent_job_events (id, job_id, level, message, payload) \
@@ -54,6 +73,26 @@ pub struct Sink {
     /// Once set (when the command has exited), connection errors after this instant
     /// are given up instead of retried.
     give_up_at: Arc<OnceLock<Instant>>,
+    /// Batches acknowledged within [`RESEND_WINDOW`], oldest first, and their bytes.
+    recent: VecDeque<Sent>,
+    recent_bytes: usize,
+    /// Set when the connection was lost: check `recent` on the next one.
+    check_recent: bool,
+    /// Since when, and why, the database refuses writes.
+    refused: Option<(Instant, String)>,
+    /// The id of the notice that writes go through again, fixed once the refusal
+    /// began, so it is stored once even if the connection breaks around it.
+    notice_id: Option<Uuid>,
+    /// Batches stored again after a failover lost them (for the tests and the log).
+    pub resent: u64,
+}
+
+/// An acknowledged batch, as it was sent.
+struct Sent {
+    at: Instant,
+    first_id: Uuid,
+    rows: tokio_postgres::types::Json<Vec<Value>>,
+    bytes: usize,
 }
 
 impl Sink {
@@ -66,6 +105,12 @@ impl Sink {
             buffer,
             down_since: None,
             give_up_at: Arc::new(OnceLock::new()),
+            recent: VecDeque::new(),
+            recent_bytes: 0,
+            check_recent: false,
+            refused: None,
+            notice_id: None,
+            resent: 0,
         }
     }
 
@@ -95,12 +140,29 @@ impl Sink {
         Ok(self.client.as_mut().expect("connected above"))
     }
 
-    /// After a connection error: forget the connection and wait before the next try.
+    /// After a connection error or a refused write: forget the connection (with
+    /// several hosts, the next one may find the new primary) and wait before the next
+    /// try. The buffer keeps the output meanwhile.
     async fn lost(&mut self, e: &tokio_postgres::Error) {
         self.client = None;
+        self.check_recent = true;
+        if is_refusal(e) {
+            if self.refused.is_none() {
+                tracing::warn!(
+                    error = %e,
+                    "database refuses writes (read-only or full); keeping output in the \
+                     buffer (its oldest is dropped, and counted, once it is full) and retrying"
+                );
+                let reason = e
+                    .as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().into());
+                self.refused = Some((Instant::now(), reason));
+            }
+        } else if self.down_since.is_none() {
+            tracing::warn!(error = %e, "database unreachable, retrying");
+        }
         if self.down_since.is_none() {
             self.down_since = Some(Instant::now());
-            tracing::warn!(error = %e, "database unreachable, retrying");
             self.buffer.set_outage(true);
         }
         tokio::time::sleep(self.backoff.next()).await;
@@ -111,6 +173,94 @@ impl Sink {
         if let Some(since) = self.down_since.take() {
             tracing::info!(after = ?since.elapsed(), "database reachable again");
             self.buffer.set_outage(false);
+        }
+    }
+
+    /// Before the first write on a new connection: the notice that writes go through
+    /// again (if they were refused), then every recent batch the server does not have.
+    async fn catch_up(&mut self) -> Result<(), tokio_postgres::Error> {
+        let job = self.job;
+        if let Some((since, reason)) = self.refused.clone() {
+            let id = *self.notice_id.get_or_insert_with(Uuid::now_v7);
+            let refused_for = since.elapsed();
+            let client = self.client().await?;
+            let stored = client
+                .query_opt("SELECT 1 FROM agent_job_events WHERE id = $1", &[&id])
+                .await?;
+            if stored.is_none() {
+                let secs = (refused_for.as_secs_f64() * 10.0).round() / 10.0;
+                let row = json!([{
+                    "id": id,
+                    "level": "warn",
+                    "message": format!(
+                        "the database refused writes for {secs} s ({reason}); \
+                         output was kept in the worker's buffer meanwhile"
+                    ),
+                    "payload": {"kind": "notice", "notice": "writes_refused", "refusedSeconds": secs},
+                }]);
+                client
+                    .execute(INSERT, &[&job, &tokio_postgres::types::Json(row)])
+                    .await?;
+            }
+            tracing::info!(
+                refused_for = ?refused_for,
+                "database accepts writes again"
+            );
+            self.refused = None;
+            self.notice_id = None;
+        }
+        if !self.check_recent || self.recent.is_empty() {
+            self.check_recent = false;
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = self.recent.iter().map(|s| s.first_id).collect();
+        self.client().await?;
+        // The field, not `client()`: `recent` is read while it is in use.
+        let client = self.client.as_ref().expect("connected above");
+        let found: std::collections::HashSet<Uuid> = client
+            .query(
+                "SELECT id FROM agent_job_events WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut resent = 0;
+        for sent in self.recent.iter().filter(|s| !found.contains(&s.first_id)) {
+            client.execute(INSERT, &[&job, &sent.rows]).await?;
+            resent += 1;
+        }
+        if resent > 0 {
+            tracing::warn!(
+                batches = resent,
+                "acknowledged batches were missing after a reconnect (a failover lost \
+                 them); stored again"
+            );
+            self.resent += resent;
+        }
+        self.check_recent = false;
+        Ok(())
+    }
+
+    /// Keeps an acknowledged batch for [`RESEND_WINDOW`] (and at most
+    /// [`RESEND_BYTES`] of them).
+    fn remember(&mut self, first_id: Uuid, rows: tokio_postgres::types::Json<Vec<Value>>) {
+        let now = Instant::now();
+        let bytes = rows.0.iter().map(|r| r.to_string().len()).sum();
+        self.recent.push_back(Sent {
+            at: now,
+            first_id,
+            rows,
+            bytes,
+        });
+        self.recent_bytes += bytes;
+        while let Some(oldest) = self.recent.front() {
+            if now.duration_since(oldest.at) <= RESEND_WINDOW && self.recent_bytes <= RESEND_BYTES {
+                break;
+            }
+            self.recent_bytes -= oldest.bytes;
+            self.recent.pop_front();
         }
     }
 
@@ -148,9 +298,7 @@ impl Sink {
                     self.recovered();
                     return Ok(());
                 }
-                Err(e) if is_connection_error(&e) && Instant::now() < give_up_at => {
-                    self.lost(&e).await
-                }
+                Err(e) if is_retryable(&e) && Instant::now() < give_up_at => self.lost(&e).await,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -159,10 +307,12 @@ impl Sink {
     /// Stores `rows` in one statement, retrying until it is stored exactly once.
     pub async fn insert(&mut self, rows: &Rows) -> Result<(), Error> {
         let job = self.job;
+        let json = rows.json();
         let mut maybe_stored = false;
         let mut failures = 0;
         loop {
             let attempt = async {
+                self.catch_up().await?;
                 let client = self.client().await?;
                 if maybe_stored {
                     let stored = client
@@ -175,21 +325,20 @@ impl Sink {
                         return Ok(());
                     }
                 }
-                client
-                    .execute(INSERT, &[&job, &rows.json()])
-                    .await
-                    .map(drop)
+                client.execute(INSERT, &[&job, &json]).await.map(drop)
             };
             match attempt.await {
                 Ok(()) => {
                     self.recovered();
+                    self.remember(rows.ids[0], json);
                     return Ok(());
                 }
-                Err(e) if is_connection_error(&e) => {
+                Err(e) if is_retryable(&e) => {
                     if let Some(gave_up) = self.given_up(&e) {
                         return Err(gave_up);
                     }
-                    maybe_stored = true;
+                    // A refused statement did not commit; a broken connection may have.
+                    maybe_stored |= !is_refusal(&e);
                     self.lost(&e).await;
                 }
                 Err(e) => {
@@ -211,6 +360,7 @@ impl Sink {
         let detail = detail.to_string();
         loop {
             let attempt = async {
+                self.catch_up().await?;
                 let client = self.client().await?;
                 let tx = client.transaction().await?;
                 tx.execute(
@@ -226,7 +376,7 @@ impl Sink {
                     self.recovered();
                     return Ok(());
                 }
-                Err(e) if is_connection_error(&e) => {
+                Err(e) if is_retryable(&e) => {
                     if let Some(gave_up) = self.given_up(&e) {
                         return Err(gave_up);
                     }
@@ -236,6 +386,21 @@ impl Sink {
             }
         }
     }
+}
+
+/// Whether the database refused to write (read-only, disk full, out of resources):
+/// nothing was stored, and it may pass later, so it is waited out.
+fn is_refusal(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        Some(code) => *code == SqlState::READ_ONLY_SQL_TRANSACTION || code.code().starts_with("53"),
+        None => false,
+    }
+}
+
+/// Connection errors and refusals: retried (until the drain timeout, once the command
+/// has exited).
+fn is_retryable(e: &tokio_postgres::Error) -> bool {
+    is_connection_error(e) || is_refusal(e)
 }
 
 /// A batch as the columns of the INSERT.
