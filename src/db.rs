@@ -39,6 +39,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0006_adaptive_notify.sql",
         include_str!("../sql/0006_adaptive_notify.sql"),
     ),
+    (
+        "0007_cheaper_write_path.sql",
+        include_str!("../sql/0007_cheaper_write_path.sql"),
+    ),
 ];
 
 /// The first line of a migration that runs outside a transaction.

@@ -1,7 +1,7 @@
 //! The database side: one connection, batches out of the buffer, retries, and the
 //! job's status.
 //!
-//! A batch is ONE `INSERT ... SELECT FROM jsonb_populate_recordset(...)` statement, so the job gets one
+//! A batch is ONE `INSERT ... SELECT FROM unnest(...)` statement over arrays sent in
 //! NOTIFY per batch. A batch goes when `max_batch` bytes are waiting or `linger` after
 //! its first line, but never sooner than `1 / max_statements_per_sec` after the
 //! previous statement.
@@ -32,6 +32,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Json;
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
@@ -55,18 +56,33 @@ pub const RESEND_WINDOW: Duration = Duration::from_secs(30);
 /// Most bytes of acknowledged batches kept for that (the oldest go first).
 const RESEND_BYTES: usize = 16 * 1024 * 1024;
 
-/// `jsonb_populate_recordset` gives each value the column's type, so this works on the
-/// original system's enum `level` as on text.
-const INSERT: &str = "INSERT INTO agent_job_events (id, job_id, level, message, payload) \
-     SELECT r.id, $1, r.level, r.message, r.payload \
-     FROM jsonb_populate_recordset(NULL::agent_job_events, $2::jsonb) \
-         WITH ORDINALITY AS r ORDER BY r.ordinality";
+/// The type of `agent_job_events.level` as SQL spells it: `text` on eventgate's own
+/// table, the enum `agentjobeventlevel` on the original system's.
+const LEVEL_TYPE: &str = "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+     WHERE attrelid = 'agent_job_events'::regclass AND attname = 'level'";
+
+/// One batch: the rows' columns as arrays, in binary, in order. The level goes as text
+/// and is cast to the column's type (`level_type`, from [`LEVEL_TYPE`]).
+///
+/// Measured against the `jsonb_populate_recordset` of one JSON document it replaced
+/// (docs/worker.md, "Ingest figures"): a flood's rows are up to 64 KiB of text full of
+/// newlines, which JSON escapes and the server had to parse and unescape again.
+fn insert_sql(level_type: &str) -> String {
+    format!(
+        "INSERT INTO agent_job_events (id, job_id, level, message, payload) \
+         SELECT r.id, $1, r.level::{level_type}, r.message, r.payload \
+         FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[]) \
+             WITH ORDINALITY AS r(id, level, message, payload, n) ORDER BY r.n"
+    )
+}
 
 /// One connection to the database, remade when lost.
 pub struct Sink {
     config: tokio_postgres::Config,
     job: Uuid,
     client: Option<Client>,
+    /// The batch INSERT for this connection's database (see [`insert_sql`]).
+    insert: String,
     backoff: Backoff,
     buffer: Arc<Buffer>,
     down_since: Option<Instant>,
@@ -91,7 +107,7 @@ pub struct Sink {
 struct Sent {
     at: Instant,
     first_id: Uuid,
-    rows: tokio_postgres::types::Json<Vec<Value>>,
+    rows: Rows,
     bytes: usize,
 }
 
@@ -101,6 +117,7 @@ impl Sink {
             config,
             job,
             client: None,
+            insert: String::new(),
             backoff: Backoff::worker(),
             buffer,
             down_since: None,
@@ -123,6 +140,17 @@ impl Sink {
         let deadline = self.give_up_at.get()?;
         (Instant::now() >= *deadline)
             .then(|| Error::db(format!("database unreachable, gave up: {e}")))
+    }
+
+    /// The connection and the batch INSERT that fits its database.
+    async fn connection(&mut self) -> Result<(&Client, &str), tokio_postgres::Error> {
+        if self.client.is_none() || self.insert.is_empty() {
+            let client = self.client().await?;
+            let level_type: String = client.query_one(LEVEL_TYPE, &[]).await?.get(0);
+            self.insert = insert_sql(&level_type);
+        }
+        let client = self.client.as_ref().expect("connected above");
+        Ok((client, self.insert.as_str()))
     }
 
     async fn client(&mut self) -> Result<&mut Client, tokio_postgres::Error> {
@@ -183,24 +211,22 @@ impl Sink {
         if let Some((since, reason)) = self.refused.clone() {
             let id = *self.notice_id.get_or_insert_with(Uuid::now_v7);
             let refused_for = since.elapsed();
-            let client = self.client().await?;
+            let (client, insert) = self.connection().await?;
             let stored = client
                 .query_opt("SELECT 1 FROM agent_job_events WHERE id = $1", &[&id])
                 .await?;
             if stored.is_none() {
                 let secs = (refused_for.as_secs_f64() * 10.0).round() / 10.0;
-                let row = json!([{
-                    "id": id,
-                    "level": "warn",
-                    "message": format!(
+                let notice = Rows::one(
+                    id,
+                    "warn",
+                    format!(
                         "the database refused writes for {secs} s ({reason}); \
                          output was kept in the worker's buffer meanwhile"
                     ),
-                    "payload": {"kind": "notice", "notice": "writes_refused", "refusedSeconds": secs},
-                }]);
-                client
-                    .execute(INSERT, &[&job, &tokio_postgres::types::Json(row)])
-                    .await?;
+                    json!({"kind": "notice", "notice": "writes_refused", "refusedSeconds": secs}),
+                );
+                execute(client, insert, job, &notice).await?;
             }
             tracing::info!(
                 refused_for = ?refused_for,
@@ -214,9 +240,10 @@ impl Sink {
             return Ok(());
         }
         let ids: Vec<Uuid> = self.recent.iter().map(|s| s.first_id).collect();
-        self.client().await?;
-        // The field, not `client()`: `recent` is read while it is in use.
+        self.connection().await?;
+        // The fields, not `connection()`: `recent` is read while they are in use.
         let client = self.client.as_ref().expect("connected above");
+        let insert = self.insert.as_str();
         let found: std::collections::HashSet<Uuid> = client
             .query(
                 "SELECT id FROM agent_job_events WHERE id = ANY($1)",
@@ -228,7 +255,7 @@ impl Sink {
             .collect();
         let mut resent = 0;
         for sent in self.recent.iter().filter(|s| !found.contains(&s.first_id)) {
-            client.execute(INSERT, &[&job, &sent.rows]).await?;
+            execute(client, insert, job, &sent.rows).await?;
             resent += 1;
         }
         if resent > 0 {
@@ -245,9 +272,9 @@ impl Sink {
 
     /// Keeps an acknowledged batch for [`RESEND_WINDOW`] (and at most
     /// [`RESEND_BYTES`] of them).
-    fn remember(&mut self, first_id: Uuid, rows: tokio_postgres::types::Json<Vec<Value>>) {
+    fn remember(&mut self, first_id: Uuid, rows: Rows) {
         let now = Instant::now();
-        let bytes = rows.0.iter().map(|r| r.to_string().len()).sum();
+        let bytes = rows.bytes();
         self.recent.push_back(Sent {
             at: now,
             first_id,
@@ -307,13 +334,12 @@ impl Sink {
     /// Stores `rows` in one statement, retrying until it is stored exactly once.
     pub async fn insert(&mut self, rows: &Rows) -> Result<(), Error> {
         let job = self.job;
-        let json = rows.json();
         let mut maybe_stored = false;
         let mut failures = 0;
         loop {
             let attempt = async {
                 self.catch_up().await?;
-                let client = self.client().await?;
+                let (client, insert) = self.connection().await?;
                 if maybe_stored {
                     let stored = client
                         .query_opt(
@@ -325,12 +351,12 @@ impl Sink {
                         return Ok(());
                     }
                 }
-                client.execute(INSERT, &[&job, &json]).await.map(drop)
+                execute(client, insert, job, rows).await
             };
             match attempt.await {
                 Ok(()) => {
                     self.recovered();
-                    self.remember(rows.ids[0], json);
+                    self.remember(rows.ids[0], rows.clone());
                     return Ok(());
                 }
                 Err(e) if is_retryable(&e) => {
@@ -403,8 +429,25 @@ fn is_retryable(e: &tokio_postgres::Error) -> bool {
     is_connection_error(e) || is_refusal(e)
 }
 
+/// Stores `rows` for `job` with `insert` (from [`insert_sql`]), in one statement.
+async fn execute(
+    client: &Client,
+    insert: &str,
+    job: Uuid,
+    rows: &Rows,
+) -> Result<(), tokio_postgres::Error> {
+    let payloads: Vec<Json<&Value>> = rows.payloads.iter().map(Json).collect();
+    client
+        .execute(
+            insert,
+            &[&job, &rows.ids, &rows.levels, &rows.messages, &payloads],
+        )
+        .await
+        .map(drop)
+}
+
 /// A batch as the columns of the INSERT.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Rows {
     ids: Vec<Uuid>,
     levels: Vec<&'static str>,
@@ -468,19 +511,20 @@ impl Rows {
         self.ids.is_empty()
     }
 
-    /// The rows as the JSON array the INSERT reads, in order.
-    fn json(&self) -> tokio_postgres::types::Json<Vec<Value>> {
-        let rows = (0..self.ids.len())
-            .map(|i| {
-                json!({
-                    "id": self.ids[i],
-                    "level": self.levels[i],
-                    "message": self.messages[i],
-                    "payload": self.payloads[i],
-                })
-            })
-            .collect();
-        tokio_postgres::types::Json(rows)
+    /// A batch of one row (the worker's own notices).
+    fn one(id: Uuid, level: &'static str, message: String, payload: Value) -> Rows {
+        Rows {
+            ids: vec![id],
+            levels: vec![level],
+            messages: vec![message],
+            payloads: vec![payload],
+            lines: 0,
+        }
+    }
+
+    /// About what the batch weighs in memory (for the bound on what is kept to resend).
+    fn bytes(&self) -> usize {
+        self.messages.iter().map(String::len).sum::<usize>() + 64 * self.ids.len()
     }
 }
 
