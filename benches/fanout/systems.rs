@@ -146,6 +146,12 @@ impl Server {
         }
     }
 
+    /// Whether the gateway answers `/healthz` with 200 (`None` for the others).
+    pub fn healthz(&self) -> Option<bool> {
+        (self.kind == Kind::Eventgate)
+            .then(|| http_get(self.addr, "/healthz").is_ok_and(|t| t.starts_with("HTTP/1.1 200")))
+    }
+
     /// Table reads `(live, backfill)` so far, where the system has such a counter.
     pub fn reads(&self) -> Option<(u64, u64)> {
         match self.kind {
