@@ -22,6 +22,7 @@
 //! only in a full run, never with `--quick`), `--subs N`, `--rate R` (filters),
 //! `--measure S`.
 //! `FANOUT_GATEWAY_PREFIX="valgrind --tool=callgrind"` runs the gateway under a tool.
+//! `FANOUT_GATEWAY_ARGS="--counter-poll 0"` passes more flags to every gateway.
 
 #[path = "fanout/client.rs"]
 mod client;

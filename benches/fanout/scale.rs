@@ -319,6 +319,38 @@ impl Drop for Clients {
     }
 }
 
+/// The kernel's memory that grows with sockets: `Slab` of /proc/meminfo and the TCP
+/// buffer pages of /proc/net/sockstat, in KiB.
+fn kernel_kib() -> (u64, u64) {
+    let slab = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Slab:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    let tcp_pages: u64 = std::fs::read_to_string("/proc/net/sockstat")
+        .ok()
+        .and_then(|t| {
+            let line = t.lines().find(|l| l.starts_with("TCP:"))?;
+            let mut words = line.split_whitespace();
+            while let Some(w) = words.next() {
+                if w == "mem" {
+                    return words.next()?.parse().ok();
+                }
+            }
+            None
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    (slab, tcp_pages * page / 1024)
+}
+
 fn join(v: &[i64]) -> String {
     v.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
 }
@@ -422,11 +454,38 @@ pub fn limit_case(
         took.as_secs_f64()
     );
     std::thread::sleep(timing.warm);
-    // Idle, keep-alives running.
+    // Idle, keep-alives running; `/healthz` asked every 50 ms meanwhile, whose worst
+    // answer times show whether a keep-alive round holds up the runtime.
     let cpu0 = server.cpu_seconds();
     let t0 = Instant::now();
+    let probe = server.healthz().map(|_| {
+        let server_addr = server.addr;
+        std::thread::spawn(move || {
+            let mut times = Vec::new();
+            while t0.elapsed() < IDLE_WINDOW {
+                let asked = Instant::now();
+                if crate::systems::http_get(server_addr, "/healthz").is_ok() {
+                    times.push(asked.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            times.sort();
+            times
+        })
+    });
     std::thread::sleep(IDLE_WINDOW);
     let idle_cpu = (server.cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    if let Some(times) = probe.and_then(|p| p.join().ok()) {
+        if let (Some(max), false) = (times.last(), times.is_empty()) {
+            let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
+            note.push_str(&format!(
+                "; /healthz while idle: {} answers, p99 {:.1} ms, max {:.1} ms",
+                times.len(),
+                p99.as_secs_f64() * 1000.0,
+                max.as_secs_f64() * 1000.0
+            ));
+        }
+    }
     let held_kib = server.memory_kib();
     row.rss_per_conn_kib = held_kib.saturating_sub(baseline) as f64 / connected.max(1) as f64;
     row.idle_cpu_pct = Some(idle_cpu);
@@ -559,6 +618,7 @@ pub fn replicas_case(
     }
     std::thread::sleep(Duration::from_millis(500));
     let baselines: Vec<u64> = replicas.iter().map(Server::memory_kib).collect();
+    let kernel0 = kernel_kib();
     // Replica r holds streams r*per .. (r+1)*per, over every job; each resumes on r+1.
     let per = REPLICA_STREAMS.div_ceil(REPLICAS);
     let streams: Vec<_> = (0..REPLICA_STREAMS)
@@ -609,6 +669,15 @@ pub fn replicas_case(
         .map(|(h, b)| h.saturating_sub(*b))
         .sum();
     row.rss_per_conn_kib = grown as f64 / connected.max(1) as f64;
+    let kernel1 = kernel_kib();
+    notes.push(format!(
+        "replicas: kernel memory for {connected} streams (both ends on this machine): slab \
+         +{} KiB, TCP buffers +{} KiB ({:.2} KiB per socket, slab and buffers)",
+        kernel1.0.saturating_sub(kernel0.0),
+        kernel1.1.saturating_sub(kernel0.1),
+        (kernel1.0.saturating_sub(kernel0.0) + kernel1.1.saturating_sub(kernel0.1)) as f64
+            / (2 * connected.max(1)) as f64
+    ));
     row.idle_cpu_pct = Some(idle_cpu.iter().sum());
     note.push_str(&format!(
         "; idle {:.1} % CPU over all {REPLICAS} over {} s ({})",
