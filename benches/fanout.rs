@@ -14,9 +14,15 @@
 //! - `servers`: the polling and floor servers (this binary re-executed).
 //! - `report`: JSON, Markdown and SVG.
 //!
+//! - `scale`: the cases past one process's descriptor limit (`limit`, `replicas`,
+//!   `replica_storm`), with the load from several client processes.
+//!
 //! Flags: `--quick` (one size per case, seconds each), `--systems a,b`, `--cases a,b`
-//! (`idle, fanout, many_jobs, storm`), `--subs N`, `--rate R` (filters), `--measure S`.
+//! (`idle, fanout, many_jobs, storm, limit, replicas, replica_storm`; the last three
+//! only in a full run, never with `--quick`), `--subs N`, `--rate R` (filters),
+//! `--measure S`.
 //! `FANOUT_GATEWAY_PREFIX="valgrind --tool=callgrind"` runs the gateway under a tool.
+//! `FANOUT_GATEWAY_ARGS="--counter-poll 0"` passes more flags to every gateway.
 
 #[path = "fanout/client.rs"]
 mod client;
@@ -24,6 +30,8 @@ mod client;
 mod proc;
 #[path = "fanout/report.rs"]
 mod report;
+#[path = "fanout/scale.rs"]
+mod scale;
 #[path = "fanout/servers.rs"]
 mod servers;
 #[path = "fanout/systems.rs"]
@@ -178,6 +186,10 @@ fn cases(args: &Args) -> Vec<Case> {
 fn main() {
     if let Ok(role) = std::env::var(ROLE_ENV) {
         raise_nofile();
+        if role == "client" {
+            scale::client_main();
+            return;
+        }
         servers::run(&role);
         return;
     }
@@ -283,30 +295,42 @@ fn main() {
         for server in &servers {
             let row = run_case(&rt, server, case, &url, timing, source_base);
             source_base += case.subscribers as u32;
-            eprintln!(
-                "  {:<9} {:<9} {:>6} subs {:>4} jobs {:>4}/s: {:>9.0} deliveries/s ({:>5.1} %), \
-                 p50 {:.1} p99 {:.1} max {:.0} ms, gaps {} dups {}, cpu {:.0} % (client {:.0} %), \
-                 {:.1} KiB/conn, reads/batch {}, load {:.1} {}",
-                row.system,
-                row.case,
-                row.subscribers,
-                row.jobs,
-                row.rate,
-                row.deliveries_per_s,
-                row.demand_met * 100.0,
-                row.p50_ms,
-                row.p99_ms,
-                row.max_ms,
-                row.gaps,
-                row.dups,
-                row.cpu_pct,
-                row.client_cpu_pct,
-                row.rss_per_conn_kib,
-                row.reads_per_batch
-                    .map_or("-".into(), |r| format!("{r:.2}")),
-                row.load,
-                row.note,
-            );
+            log_row(&row);
+            rows.push(row);
+        }
+    }
+    // Past one process's descriptor limit: only in a full run, and only when asked for
+    // (or when no case is named).
+    let scale_wanted = |name: &str| {
+        !args.quick
+            && args
+                .cases
+                .as_ref()
+                .map_or(true, |names| names.iter().any(|n| n == name))
+    };
+    if scale_wanted("limit") {
+        for server in &servers {
+            if server.kind == Kind::Polling {
+                // 19,000 polls a second would measure PostgreSQL, not the server.
+                notes.push("limit: polling not run (19,000 table reads a second)".into());
+                continue;
+            }
+            let row = scale::limit_case(&rt, server, &url, timing, source_base);
+            source_base += 21_000;
+            log_row(&row);
+            rows.push(row);
+        }
+    }
+    if (scale_wanted("replicas") || scale_wanted("replica_storm")) && pg.is_some() {
+        notes.push(format!(
+            "replicas, replica_storm: eventgate only; {} gateway processes on one PostgreSQL \
+             (the floor has no shared state to spread over processes; one nginx with 2 workers \
+             holds at most 2 x 20,000 descriptors)",
+            scale::REPLICAS
+        ));
+        let storm = scale_wanted("replica_storm");
+        for row in scale::replicas_case(&rt, &url, timing, source_base, storm, &mut notes) {
+            log_row(&row);
             rows.push(row);
         }
     }
@@ -333,7 +357,8 @@ fn main() {
     report::write_all(&dir, &rows, &notes, &header).expect("write the report");
     println!("{}", report::markdown(&rows, &notes, &header));
     eprintln!(
-        "fanout: wrote {0}/fanout.json, {0}/fanout.md, {0}/fanout.svg",
+        "fanout: wrote {0}/fanout.json, {0}/fanout.md, {0}/fanout.svg (and fanout-scale.svg \
+         with the scale cases)",
         dir.display()
     );
     // The one thing this bench asserts: the gateway never loses or repeats an event.
@@ -349,6 +374,33 @@ fn main() {
         );
         std::process::exit(1);
     }
+}
+
+fn log_row(row: &Row) {
+    eprintln!(
+        "  {:<9} {:<9} {:>6} subs {:>4} jobs {:>4}/s: {:>9.0} deliveries/s ({:>5.1} %), \
+         p50 {:.1} p99 {:.1} max {:.0} ms, gaps {} dups {}, cpu {:.0} % (client {:.0} %), \
+         {:.1} KiB/conn, reads/batch {}, load {:.1} {}",
+        row.system,
+        row.case,
+        row.subscribers,
+        row.jobs,
+        row.rate,
+        row.deliveries_per_s,
+        row.demand_met * 100.0,
+        row.p50_ms,
+        row.p99_ms,
+        row.max_ms,
+        row.gaps,
+        row.dups,
+        row.cpu_pct,
+        row.client_cpu_pct,
+        row.rss_per_conn_kib,
+        row.reads_per_batch
+            .map_or("-".into(), |r| format!("{r:.2}")),
+        row.load,
+        row.note,
+    );
 }
 
 /// The 1-minute load average.
@@ -393,6 +445,7 @@ fn run_case(
         .map(|i| Target {
             addr: server.addr,
             path: server.stream_path(jobs[i % jobs.len()]),
+            resume: server.addr,
         })
         .collect();
     let swarm = Swarm::open(rt.handle(), targets, source_base);
@@ -445,6 +498,8 @@ fn run_case(
             drops: stats.drops.load(Ordering::Relaxed),
             http_errors: stats.http_errors.load(Ordering::Relaxed),
             listen_overflows: systems::listen_overflows() - overflows0,
+            idle_cpu_pct: Some(cpu),
+            replicas: Vec::new(),
             note: note.trim_end_matches("; ").into(),
         };
     }
@@ -550,6 +605,8 @@ fn run_case(
         drops: stats.drops.load(Ordering::Relaxed),
         http_errors: stats.http_errors.load(Ordering::Relaxed),
         listen_overflows: systems::listen_overflows() - overflows0,
+        idle_cpu_pct: None,
+        replicas: Vec::new(),
         note: note.trim_end_matches("; ").into(),
     }
 }

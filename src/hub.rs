@@ -15,6 +15,7 @@
 //! whose NOTIFY was debounced cost no query of their own.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,10 @@ pub const READ_PAGE: i64 = 1000;
 /// Events per job in one counter poll; a job with more is left to its own read task.
 /// Small enough that the planner walks each job's `(job_id, seq)` index in order.
 const POLL_PAGE: i64 = 100;
+
+/// Ticks of one keep-alive round: each reaches one group of jobs, so a process
+/// holding 19,000 streams writes about 1,200 keep-alives at a time, not all at once.
+pub const KEEP_ALIVE_GROUPS: u64 = 16;
 
 /// How long a new subscriber waits for the database before getting a 503.
 const SUBSCRIBE_PATIENCE: Duration = Duration::from_secs(15);
@@ -97,11 +102,16 @@ struct Inner {
     /// Every task the hub starts (read tasks, the counter poll), so that shutdown can
     /// wait for them.
     tasks: TaskTracker,
+    /// The keep-alive group sent last (see [`Hub::keep_alive`]); written and read under
+    /// the map's lock.
+    keep_alive_last: AtomicU64,
 }
 
 /// The shared state of one job.
 pub struct Job {
     id: Uuid,
+    /// Which tick of the keep-alive round reaches this job's subscribers.
+    keep_alive_group: u64,
     tx: broadcast::Sender<Item>,
     state: Mutex<State>,
 }
@@ -177,6 +187,7 @@ impl Hub {
                 jobs: Mutex::new(HashMap::new()),
                 stop: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                keep_alive_last: AtomicU64::new(KEEP_ALIVE_GROUPS - 1),
             }),
         }
     }
@@ -223,17 +234,14 @@ impl Hub {
                 return Ok(Start::ShuttingDown);
             }
             let mut created = false;
+            let keep_alive_group = self.inner.keep_alive_last.load(Ordering::Relaxed);
             let job = jobs
                 .entry(job_id)
                 .or_insert_with(|| {
                     created = true;
-                    Arc::new(Job::new(
-                        job_id,
-                        last_seq,
-                        last_id,
-                        end,
-                        &self.inner.settings,
-                    ))
+                    let mut job = Job::new(job_id, last_seq, last_id, end, &self.inner.settings);
+                    job.keep_alive_group = keep_alive_group;
+                    Arc::new(job)
                 })
                 .clone();
             // Subscribe under the map's lock, so the janitor cannot drop the state
@@ -590,11 +598,20 @@ impl Hub {
         Ok(events?)
     }
 
-    /// Sends a keep-alive to every job's subscribers.
-    pub fn keep_alive(&self) {
-        for job in self.jobs().values() {
-            let _ = job.tx.send(Item::KeepAlive);
+    /// Sends a keep-alive to the subscribers of the jobs in `group` (of
+    /// [`KEEP_ALIVE_GROUPS`]), so that a round over all jobs is spread over the
+    /// interval instead of waking every stream of the process at once. A job joins the
+    /// group that was sent last, so its first keep-alive comes a whole round after it.
+    pub fn keep_alive(&self, group: u64) {
+        let jobs = self.jobs();
+        for job in jobs.values() {
+            if job.keep_alive_group == group {
+                let _ = job.tx.send(Item::KeepAlive);
+            }
         }
+        self.inner
+            .keep_alive_last
+            .store(group % KEEP_ALIVE_GROUPS, Ordering::Relaxed);
     }
 
     /// Drops the state of jobs that have had no subscriber for the grace period.
@@ -685,6 +702,7 @@ impl Job {
         let (tx, _) = broadcast::channel(settings.channel_capacity);
         Job {
             id,
+            keep_alive_group: 0,
             tx,
             state: Mutex::new(State {
                 last_seq,

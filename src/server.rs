@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::http::App;
-use crate::hub::Hub;
+use crate::hub::{Hub, KEEP_ALIVE_GROUPS};
 use crate::listen::{self, Readiness};
 use crate::metrics::Metrics;
 use crate::status::StatusFeed;
@@ -341,16 +341,28 @@ async fn reload_on_sighup(
 }
 
 /// Keep-alives for every stream, and dropping idle jobs, on one timer each.
+///
+/// The keep-alive timer ticks `KEEP_ALIVE_GROUPS` times per interval and each tick
+/// reaches one group of jobs: every stream still gets one keep-alive per interval, but
+/// a process holding 19,000 streams writes about 1,200 of them at a time, not all at
+/// once (a burst of both runtime threads every interval; see docs/performance.md,
+/// "Past one process's descriptor limit").
 async fn tick(hub: Hub, feed: StatusFeed, keep_alive: Duration, stop: CancellationToken) {
-    let mut keep_alive = tokio::time::interval(keep_alive);
+    let tick = keep_alive / KEEP_ALIVE_GROUPS as u32;
+    let mut keep_alive = tokio::time::interval(tick.max(Duration::from_millis(1)));
     keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     keep_alive.tick().await;
+    let mut group = 0;
     let mut janitor = tokio::time::interval(JANITOR_INTERVAL);
     loop {
         tokio::select! {
             _ = keep_alive.tick() => {
-                hub.keep_alive();
-                feed.keep_alive();
+                hub.keep_alive(group);
+                // The job-list stream's once a round, a whole interval after the start.
+                if group == KEEP_ALIVE_GROUPS - 1 {
+                    feed.keep_alive();
+                }
+                group = (group + 1) % KEEP_ALIVE_GROUPS;
             }
             _ = janitor.tick() => hub.drop_idle(),
             _ = stop.cancelled() => return,

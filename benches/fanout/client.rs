@@ -60,6 +60,16 @@ pub struct Stats {
     pub drops: AtomicU64,
     /// Highest seq received, per connection (for the drain).
     pub max_seq: Vec<AtomicI64>,
+    /// Streams whose first attempt has an outcome: headers, or (when refusals are not
+    /// retried) a refusal or a close before any head.
+    pub settled: AtomicUsize,
+    /// Refusals that carried `Retry-After` (503 at a limit, as it should be).
+    pub retry_after: AtomicU64,
+    /// First attempts that ended before any response head (closed, reset, timed out),
+    /// when refusals are not retried.
+    pub head_failures: AtomicU64,
+    /// Streams that got a new response head after a reconnect.
+    pub reconnected: AtomicUsize,
 }
 
 impl Stats {
@@ -78,6 +88,10 @@ impl Stats {
             http_errors: AtomicU64::new(0),
             drops: AtomicU64::new(0),
             max_seq: (0..connections).map(|_| AtomicI64::new(0)).collect(),
+            settled: AtomicUsize::new(0),
+            retry_after: AtomicU64::new(0),
+            head_failures: AtomicU64::new(0),
+            reconnected: AtomicUsize::new(0),
         })
     }
 
@@ -157,6 +171,8 @@ impl Tracker {
 pub struct Target {
     pub addr: SocketAddr,
     pub path: String,
+    /// Where it resumes after a reconnect (another replica, or the same address).
+    pub resume: SocketAddr,
 }
 
 /// Shared by the streams of one case.
@@ -169,6 +185,18 @@ pub struct Swarm {
 impl Swarm {
     /// Opens one stream per target, `source_base` choosing the loopback source address.
     pub fn open(rt: &tokio::runtime::Handle, targets: Vec<Target>, source_base: u32) -> Swarm {
+        Swarm::open_with(rt, targets, source_base, false)
+    }
+
+    /// Like [`Swarm::open`]; with `give_up`, a stream whose first attempt is refused
+    /// (any non-200) or closed before a head stops there, as EventSource does, instead
+    /// of retrying: how the clients past a server's limit are counted.
+    pub fn open_with(
+        rt: &tokio::runtime::Handle,
+        targets: Vec<Target>,
+        source_base: u32,
+        give_up: bool,
+    ) -> Swarm {
         let stats = Stats::new(targets.len());
         let (control_tx, control_rx) = watch::channel(Control::Run);
         let permits = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
@@ -186,6 +214,7 @@ impl Swarm {
                     source,
                     stats: stats.clone(),
                     permits: permits.clone(),
+                    give_up,
                 };
                 rt.spawn(stream.run(control_rx.clone()))
             })
@@ -236,6 +265,7 @@ struct Stream {
     source: Ipv4Addr,
     stats: Arc<Stats>,
     permits: Arc<Semaphore>,
+    give_up: bool,
 }
 
 enum Ended {
@@ -252,23 +282,33 @@ impl Stream {
         let mut dropped_at: Option<Instant> = None;
         let mut buf = vec![0u8; READ_BUF];
         let mut scratch = Vec::new();
+        let mut addr = self.target.addr;
         loop {
             if *control_rx.borrow_and_update() == Control::Stop {
                 return tracker;
             }
             let connected = {
                 let _permit = self.permits.acquire().await.expect("never closed");
-                self.connect(&tracker.last_id).await
+                self.connect(addr, &tracker.last_id).await
             };
             let (mut socket, parser) = match connected {
                 Ok(Ok(ok)) => ok,
                 Ok(Err(204)) => return tracker,
                 Ok(Err(_)) => {
                     self.stats.http_errors.fetch_add(1, Ordering::Relaxed);
+                    if first && self.give_up {
+                        self.stats.settled.fetch_add(1, Ordering::Relaxed);
+                        return tracker;
+                    }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
                 Err(_) => {
+                    if first && self.give_up {
+                        self.stats.head_failures.fetch_add(1, Ordering::Relaxed);
+                        self.stats.settled.fetch_add(1, Ordering::Relaxed);
+                        return tracker;
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -276,8 +316,10 @@ impl Stream {
             if first {
                 first = false;
                 self.stats.connected.fetch_add(1, Ordering::Relaxed);
+                self.stats.settled.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(at) = dropped_at.take() {
+                self.stats.reconnected.fetch_add(1, Ordering::Relaxed);
                 let us = at.elapsed().as_micros() as u64;
                 self.shard()
                     .reconnect
@@ -311,7 +353,10 @@ impl Stream {
             drop(socket);
             match ended {
                 Ended::Stop => return tracker,
-                Ended::Reconnect => dropped_at = Some(Instant::now()),
+                Ended::Reconnect => {
+                    dropped_at = Some(Instant::now());
+                    addr = self.target.resume;
+                }
                 Ended::Dropped => {
                     self.stats.drops.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -325,11 +370,15 @@ impl Stream {
     }
 
     /// Connects and reads the response head. `Ok(Err(status))` for a non-200 answer.
-    async fn connect(&self, last_id: &[u8]) -> io::Result<Result<(TcpStream, Parser), u16>> {
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        last_id: &[u8],
+    ) -> io::Result<Result<(TcpStream, Parser), u16>> {
         let socket = TcpSocket::new_v4()?;
         socket.set_reuseaddr(true)?;
         socket.bind(SocketAddr::new(self.source.into(), 0))?;
-        let mut stream = socket.connect(self.target.addr).await?;
+        let mut stream = socket.connect(addr).await?;
         stream.set_nodelay(true)?;
         let mut request = format!(
             "GET {} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\
@@ -361,6 +410,9 @@ impl Stream {
         let text = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
         let status: u16 = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
         if status != 200 {
+            if text.contains("\r\nretry-after:") {
+                self.stats.retry_after.fetch_add(1, Ordering::Relaxed);
+            }
             return Ok(Err(status));
         }
         let mut parser = Parser::new(text.contains("transfer-encoding: chunked"));

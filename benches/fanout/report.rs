@@ -56,6 +56,12 @@ pub struct Row {
     /// Connections the kernel dropped at a full listen queue during the case (the
     /// client retries after a second: this is what long reconnects are made of).
     pub listen_overflows: u64,
+    /// Server CPU while the streams were open and nothing was written (keep-alives
+    /// only), where a case measures it; summed over replicas.
+    pub idle_cpu_pct: Option<f64>,
+    /// Per replica: deliveries/s to its streams and its CPU %, where there are several.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<(f64, f64)>,
     pub note: String,
 }
 
@@ -67,6 +73,9 @@ pub fn write_all(dir: &Path, rows: &[Row], notes: &[String], header: &str) -> st
     )?;
     std::fs::write(dir.join("fanout.md"), markdown(rows, notes, header))?;
     std::fs::write(dir.join("fanout.svg"), svg(rows))?;
+    if rows.iter().any(|r| SCALE_CASES.contains(&r.case.as_str())) {
+        std::fs::write(dir.join("fanout-scale.svg"), scale_svg(rows))?;
+    }
     Ok(())
 }
 
@@ -374,5 +383,123 @@ pub fn svg(rows: &[Row]) -> String {
         y + 4.0
     );
     out.push_str("</svg>\n");
+    out
+}
+
+/// The cases past one process's descriptor limit.
+pub const SCALE_CASES: [&str; 3] = ["limit", "replicas", "replica_storm"];
+
+/// A panel of bars: its title, `(label, value)` per bar, and the goal line if any.
+type Panel = (String, Vec<(String, f64)>, Option<f64>);
+
+/// The scale cases as bars against their goals: KiB per stream (3), idle CPU (5 % for
+/// all replicas), p99 (250 ms), and each replica's share of deliveries and CPU.
+pub fn scale_svg(rows: &[Row]) -> String {
+    let scale: Vec<&Row> = rows
+        .iter()
+        .filter(|r| SCALE_CASES.contains(&r.case.as_str()))
+        .collect();
+    let label = |r: &Row| format!("{} {} ({})", r.system, r.case, r.subscribers);
+    let (bar_h, gap, lw, pw) = (16.0, 6.0, 230.0, 260.0);
+    let mut panels: Vec<Panel> = vec![
+        (
+            "KiB per stream (goal 3)".into(),
+            scale
+                .iter()
+                .filter(|r| r.case != "replica_storm")
+                .map(|r| (label(r), r.rss_per_conn_kib))
+                .collect(),
+            Some(3.0),
+        ),
+        (
+            "idle CPU % with keep-alives (goal 5, all replicas)".into(),
+            scale
+                .iter()
+                .filter_map(|r| Some((label(r), r.idle_cpu_pct?)))
+                .collect(),
+            Some(5.0),
+        ),
+        (
+            "p99 commit-to-receive ms (goal 250)".into(),
+            scale.iter().map(|r| (label(r), r.p99_ms)).collect(),
+            Some(250.0),
+        ),
+    ];
+    if let Some(r) = scale.iter().find(|r| !r.replicas.is_empty()) {
+        panels.push((
+            "per replica: deliveries/s (k)".into(),
+            r.replicas
+                .iter()
+                .enumerate()
+                .map(|(i, (d, _))| (format!("replica {}", i + 1), d / 1000.0))
+                .collect(),
+            None,
+        ));
+        panels.push((
+            "per replica: CPU % while delivering".into(),
+            r.replicas
+                .iter()
+                .enumerate()
+                .map(|(i, (_, c))| (format!("replica {}", i + 1), *c))
+                .collect(),
+            None,
+        ));
+    }
+    panels.retain(|p| !p.1.is_empty());
+    let heights: Vec<f64> = panels
+        .iter()
+        .map(|p| 40.0 + p.1.len() as f64 * (bar_h + gap))
+        .collect();
+    let width = lw + pw + 90.0;
+    let height = 40.0 + heights.iter().sum::<f64>();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        out,
+        r#"<text x="10" y="22" font-size="15">Past one process's descriptor limit: the scale cases against their goals</text>"#
+    );
+    let mut y = 40.0;
+    for ((title, bars, goal), h) in panels.iter().zip(&heights) {
+        let _ = writeln!(
+            out,
+            r#"<text x="10" y="{}" font-size="13">{title}</text>"#,
+            y + 18.0
+        );
+        let max = bars
+            .iter()
+            .map(|b| b.1)
+            .chain(*goal)
+            .fold(f64::MIN_POSITIVE, f64::max)
+            * 1.1;
+        for (i, (name, v)) in bars.iter().enumerate() {
+            let by = y + 28.0 + i as f64 * (bar_h + gap);
+            let w = (v / max * pw).max(0.5);
+            let over = goal.is_some_and(|g| *v > g);
+            let _ = writeln!(
+                out,
+                r#"<text x="{}" y="{}" text-anchor="end">{name}</text><rect x="{lw}" y="{by}" width="{w:.1}" height="{bar_h}" fill="{}"/><text x="{:.1}" y="{}">{v:.1}</text>"#,
+                lw - 6.0,
+                by + 12.0,
+                if over { "#d62728" } else { "#1f77b4" },
+                lw + w + 4.0,
+                by + 12.0
+            );
+        }
+        if let Some(g) = goal {
+            let gx = lw + g / max * pw;
+            let _ = writeln!(
+                out,
+                r##"<line x1="{gx:.1}" x2="{gx:.1}" y1="{}" y2="{}" stroke="#2ca02c" stroke-dasharray="4 3"/>"##,
+                y + 24.0,
+                y + h - 6.0
+            );
+        }
+        y += h;
+    }
+    let _ = writeln!(out, "</svg>");
     out
 }

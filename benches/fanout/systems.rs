@@ -146,6 +146,12 @@ impl Server {
         }
     }
 
+    /// Whether the gateway answers `/healthz` with 200 (`None` for the others).
+    pub fn healthz(&self) -> Option<bool> {
+        (self.kind == Kind::Eventgate)
+            .then(|| http_get(self.addr, "/healthz").is_ok_and(|t| t.starts_with("HTTP/1.1 200")))
+    }
+
     /// Table reads `(live, backfill)` so far, where the system has such a counter.
     pub fn reads(&self) -> Option<(u64, u64)> {
         match self.kind {
@@ -242,6 +248,12 @@ fn start_gateway(addr: SocketAddr, database_url: &str) -> io::Result<Child> {
         .args(["--max-connections", "100000"])
         .args(["--max-streams-per-client", "1000000"])
         .args(["--pool-size", &POOL_SIZE.to_string()])
+        // More flags for the gateway, e.g. "--counter-poll 0" to see what the poll costs.
+        .args(
+            std::env::var("FANOUT_GATEWAY_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .env("DATABASE_URL", database_url)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -366,7 +378,7 @@ fn metric(text: &str, name: &str) -> Option<u64> {
 }
 
 /// A one-shot GET with `Connection: close`; the body as text.
-fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
+pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
