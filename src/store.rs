@@ -391,6 +391,33 @@ pub async fn events_desc(
     rows.iter().map(event_from_row).collect()
 }
 
+/// The events of one level with `after < seq < before`: the first `limit`, ascending,
+/// or with `newest` the last `limit`, newest first. No index on `level` is kept for it:
+/// the query walks the job's `(job_id, seq)` index and stops at the `limit`-th match,
+/// so finding a job's first error reads the rows before it, at most the job's log.
+pub async fn events_at_level(
+    client: &deadpool_postgres::Client,
+    job_id: Uuid,
+    level: &str,
+    after: i64,
+    before: Option<i64>,
+    limit: i64,
+    newest: bool,
+) -> Result<Vec<Event>, tokio_postgres::Error> {
+    let order = if newest { "DESC" } else { "ASC" };
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM agent_job_events \
+         WHERE job_id = $1 AND seq > $2 AND ($3::int8 IS NULL OR seq < $3) \
+             AND level::text = $4 \
+         ORDER BY seq {order} LIMIT $5"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    let rows = client
+        .query(&stmt, &[&job_id, &after, &before, &level, &limit])
+        .await?;
+    rows.iter().map(event_from_row).collect()
+}
+
 /// The first seq of events created at or after a time (the original `before` cursor
 /// without an event id); `None` when there is none.
 pub async fn seq_from_time(

@@ -252,3 +252,76 @@ async fn follow_appends_live_events_and_ends_at_the_jobs_end() {
     assert_eq!(res.text(), table_text(&client, job).await);
     gateway.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn level_error_finds_the_first_error_however_far_into_the_log() {
+    let url = database().await;
+    let client = eventgate::db::connect(&url).await.unwrap();
+    let job = create_job(&client).await;
+    // 3,000 events of two lines each; errors at seqs 1700 and 2100, far past one page.
+    client
+        .execute(
+            "INSERT INTO agent_job_events (job_id, level, message, payload) \
+             SELECT $1, CASE WHEN i IN (1700, 2100) THEN 'error' ELSE 'info' END, \
+                 'event ' || i || E'\\nsecond ' || i, '{\"kind\": \"log\"}' \
+             FROM generate_series(1, 3000) AS i",
+            &[&job],
+        )
+        .await
+        .unwrap();
+    set_status(&client, job, "failed").await;
+    let gateway = Gateway::start(&url).await;
+    let page = |query: String| {
+        let path = format!("/api/queue/jobs/{job}/events?{query}");
+        let gateway = &gateway;
+        async move { log(gateway, &path, None).await }
+    };
+    let only = |res: &Response| -> Vec<(i64, i64, String)> {
+        res.json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                assert_eq!(e["level"], "error", "{e}");
+                (
+                    e["seq"].as_i64().unwrap(),
+                    e["line"].as_i64().unwrap(),
+                    e["message"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+
+    let first = page("level=error&limit=1".into()).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(
+        only(&first),
+        vec![(1700, 3399, "event 1700\nsecond 1700".into())]
+    );
+    assert_eq!(first.json()["nextAfterSeq"], 1700);
+    // The next one after it, and a range below one.
+    let next = page("level=error&limit=1&afterSeq=1700".into()).await;
+    assert_eq!(only(&next)[0].0, 2100);
+    let below = page("level=error&beforeSeq=2000".into()).await;
+    assert_eq!(only(&below).iter().map(|e| e.0).collect::<Vec<_>>(), [1700]);
+    // Newest first: the failed status event is the last error.
+    let last = page("level=error&sort=desc&limit=2".into()).await;
+    let last = only(&last);
+    assert_eq!(last[0].2, "status: failed");
+    assert_eq!(last[1].0, 2100);
+    // Every error, ascending.
+    let all = page("level=error".into()).await;
+    assert_eq!(
+        only(&all).iter().map(|e| e.0).collect::<Vec<_>>(),
+        [1700, 2100, 3001]
+    );
+    // None of a level: an empty page, not an error.
+    let warn = page("level=warn".into()).await;
+    assert_eq!(warn.status, 200);
+    assert_eq!(warn.json()["items"], serde_json::json!([]));
+
+    let bad = page("level=fatal".into()).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["error"], "invalid_level");
+    gateway.stop().await;
+}

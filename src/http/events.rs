@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::body::{json_response, read_json, Body, RequestBody};
 use super::cache;
 use super::error::{ApiError, Result};
-use super::query::{Original, PageQuery};
+use super::query::{level_filter, Original, PageQuery};
 use super::App;
 use crate::model::{Level, NewEvent};
 use crate::store;
@@ -134,6 +134,7 @@ pub(super) fn strip_nul(value: serde_json::Value) -> serde_json::Value {
 
 pub(super) async fn page<B>(app: &App, id: Uuid, req: &Request<B>) -> Result<Response<Body>> {
     let query = PageQuery::parse(req, app.config.max_page)?;
+    let level = level_filter(req)?;
     let limit = query.limit;
 
     let client = app.pool.get().await?;
@@ -172,13 +173,32 @@ pub(super) async fn page<B>(app: &App, id: Uuid, req: &Request<B>) -> Result<Res
     // The newest page below a bound keeps its newest events when it is cut to its
     // byte budget; every other page keeps its first (the ones next to its cursor).
     let keep_newest = !query.descending && after.is_none() && before.is_some();
-    let items = match (after, before) {
+    let items = match (after, before, level) {
+        // `level=`: the first `limit` events of that level in the range (or the last,
+        // for `sort=desc` and for a page below `before` only, as without it).
+        (_, _, Some(level)) => {
+            let newest = query.descending || (after.is_none() && before.is_some());
+            let mut items = store::events_at_level(
+                &client,
+                id,
+                level.as_str(),
+                after.unwrap_or(0),
+                before,
+                limit,
+                newest,
+            )
+            .await?;
+            if newest && !query.descending {
+                items.reverse();
+            }
+            items
+        }
         _ if query.descending => {
             store::events_desc(&client, id, after.unwrap_or(0), before, limit).await?
         }
         // Only an upper bound: the newest page below it (a log's tail, then older pages).
-        (None, Some(before)) => store::events_before(&client, id, before, limit).await?,
-        (after, before) => {
+        (None, Some(before), None) => store::events_before(&client, id, before, limit).await?,
+        (after, before, None) => {
             store::events_after(&client, id, after.unwrap_or(0), before, limit).await?
         }
     };

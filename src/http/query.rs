@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::error::{ApiError, Result};
 use crate::config::DEFAULT_PAGE;
-use crate::model::JobStatus;
+use crate::model::{JobStatus, Level};
 
 /// Largest `limit` of the job list.
 const MAX_JOBS: i64 = 500;
@@ -209,6 +209,19 @@ pub(super) fn job_id(text: &str) -> Result<Uuid> {
         .map_err(|_| ApiError::bad_request("invalid_job_id", "job id must be a uuid"))
 }
 
+/// `level=info|warn|error` of the events page: only the events of that level, in the
+/// page's range (the panel's "first error" is `?level=error&limit=1`).
+pub(super) fn level_filter<B>(req: &Request<B>) -> Result<Option<Level>> {
+    Params::of(req)
+        .text("level")
+        .map(|text| {
+            text.parse::<Level>().map_err(|_| {
+                ApiError::bad_request("invalid_level", "level must be info, warn or error")
+            })
+        })
+        .transpose()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,5 +341,17 @@ mod tests {
         assert!(JobsQuery::parse(&req("limit=501")).is_err());
         let e = JobsQuery::parse(&req("limit=-1")).unwrap_err();
         assert!(e.to_string().contains("invalid_limit"), "{e}");
+    }
+
+    #[test]
+    fn level_filters() {
+        assert_eq!(
+            level_filter(&req("level=error")).unwrap(),
+            Some(Level::Error)
+        );
+        assert_eq!(level_filter(&req("level=")).unwrap(), None);
+        assert_eq!(level_filter(&req("")).unwrap(), None);
+        let e = level_filter(&req("level=fatal")).unwrap_err();
+        assert!(e.to_string().contains("invalid_level"), "{e}");
     }
 }

@@ -11,7 +11,8 @@ import {
   sleep, waitForLine, waitForState, waitUntil,
 } from './harness.mjs';
 
-const SCREENSHOTS = path.join(path.dirname(new URL(import.meta.url).pathname), 'screenshots');
+/** The docs' screenshots (docs/viewer.md), made by the last test. */
+const IMAGES = path.join(path.dirname(new URL(import.meta.url).pathname), '../../docs/img');
 
 let pg;
 let gw;
@@ -271,10 +272,15 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
   test('a permalinked line in a huge log opens highlighted, fetching a sliver of it', async () => {
     const total = Number(process.env.HUGE_LINES || 1_000_000);
     const target = total - 12_346; // #L987654 in a log of a million lines
+    // The log's only error, in a folded group, far before the tail's page.
+    const failing = 4321;
     const id = jobs.create('a million lines', 'queued');
     const t0 = Date.now();
     pg.sql(`INSERT INTO agent_job_events (job_id, level, message, payload)
-      SELECT '${id}', 'info', 'million line ' || i || ' of ${total}', '{"kind":"log","stream":"stdout"}'::jsonb
+      SELECT '${id}', CASE WHEN i = ${failing} THEN 'error' ELSE 'info' END,
+             CASE WHEN i = ${failing - 1} THEN '::group::Failing step' WHEN i = ${failing + 1} THEN '::endgroup::'
+                  ELSE 'million line ' || i || ' of ${total}' END,
+             '{"kind":"log","stream":"stdout"}'::jsonb
       FROM generate_series(1, ${total}) i`);
     console.log(`# inserted ${total} one-line events in ${Date.now() - t0} ms`);
     jobs.setStatus(id, 'succeeded');
@@ -344,6 +350,89 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     const farHeap = await far.evaluate(() => performance.memory && performance.memory.usedJSHeapSize);
     console.log(`# scrolled from #L${middle} up to line ${await firstShown()}: ${held} lines held, JS heap ${(farHeap / 1048576).toFixed(1)} MiB`);
     await far.close();
+
+    // "First error" from the tail: the error is 995,000 lines before the loaded page,
+    // so the gateway finds it (events?level=error&limit=1) and the page opens there.
+    const tail = await browser.context.newPage();
+    const tailFetched = [];
+    tail.on('response', async (res) => {
+      if (!res.url().includes('/events')) return;
+      try {
+        tailFetched.push((await res.json()).items.length);
+      } catch {
+        // not a page
+      }
+    });
+    await tail.goto(`${gw.base}/jobs/${id}`);
+    await waitForState(tail, 'ended');
+    await tail.locator(`${OUTPUT} [data-line="${total}"]`).waitFor();
+    await tail.getByTestId('first-error').click();
+    const error = tail.locator(`${OUTPUT} [data-line="${failing}"]`);
+    await error.waitFor({ timeout: 60_000 });
+    await settle(tail);
+    assert.equal(new URL(tail.url()).hash, `#L${failing}`);
+    assert.equal(await error.textContent(), `million line ${failing} of ${total}\n`);
+    assert.match(await error.getAttribute('class'), /\blevel-error\b.*\bhl\b|\bhl\b.*\blevel-error\b/);
+    const group = tail.locator(`${OUTPUT} [data-testid="section"]`, { hasText: 'Failing step' });
+    assert.equal(await group.getAttribute('aria-expanded'), 'true', 'the group holding the error is open');
+    const errorBox = await error.boundingBox();
+    const tailBox = await tail.getByTestId('output-viewport').boundingBox();
+    assert.ok(errorBox.y >= tailBox.y && errorBox.y + errorBox.height <= tailBox.y + tailBox.height, 'the error is in view');
+    await sleep(500);
+    const tailEvents = tailFetched.reduce((a, b) => a + b, 0);
+    assert.ok(tailEvents < total / 100, `fetched ${tailEvents} of ${total} events (< 1 %)`);
+    console.log(`# first error from the tail: line ${failing}, ${tailFetched.length} page requests, ${tailEvents} events`);
+    await tail.close();
+
+    // The whole log scrolled from its end to its start: the JS heap stays in a budget.
+    // (About 8 minutes on a loaded 2-core VM; HEAP_WALK_LINES=N walks only N lines up.)
+    const walkGoal = Math.max(1, total - Number(process.env.HEAP_WALK_LINES || total) + 1);
+    const walk = await browser.context.newPage();
+    await walk.goto(`${gw.base}/jobs/${id}`);
+    await waitForState(walk, 'ended');
+    await walk.locator(`${OUTPUT} [data-line="${total}"]`).waitFor();
+    const cdp = await browser.context.newCDPSession(walk);
+    const heapNow = async (gc) => {
+      if (gc) await cdp.send('HeapProfiler.collectGarbage');
+      return (await cdp.send('Runtime.getHeapUsage')).usedSize;
+    };
+    const atOpen = await heapNow(true);
+    let peak = atOpen;
+    let peakAfterGc = atOpen;
+    let top = Infinity;
+    let maxRows = 0;
+    const walkStart = Date.now();
+    for (let i = 0; i < 20_000 && top > walkGoal; i++) {
+      [top, maxRows] = await walk.evaluate(async (most) => {
+        const vp = document.querySelector('[data-testid="output-viewport"]');
+        const out = document.querySelector('[data-testid="live-output"]');
+        for (let k = 0; k < 20; k++) {
+          vp.scrollTop = 0;
+          await new Promise((r) => requestAnimationFrame(r));
+          most = Math.max(most, out.children.length);
+        }
+        return [Number(out.firstChild.dataset.line), most];
+      }, maxRows);
+      peak = Math.max(peak, await heapNow(false));
+      if (i % 25 === 0) peakAfterGc = Math.max(peakAfterGc, await heapNow(true));
+    }
+    const walkMs = Date.now() - walkStart;
+    assert.ok(top <= walkGoal, `scrolled up to line ${top}`);
+    if (walkGoal === 1) {
+      assert.equal(await walk.locator(`${OUTPUT} .row`).first().textContent(), `million line 1 of ${total}\n`);
+    }
+    const atStart = await heapNow(true);
+    peakAfterGc = Math.max(peakAfterGc, atStart);
+    const walkHeld = await walk.getByTestId('output-viewport').getAttribute('data-loaded-lines').then(Number);
+    const mib = (b) => (b / 1048576).toFixed(1);
+    console.log(`# scrolled ${total - top + 1} lines from the end up to line ${top} in ${(walkMs / 1000).toFixed(0)} s: ` +
+      `JS heap ${mib(atOpen)} MiB at the tail, at most ${mib(peakAfterGc)} MiB after GC (${mib(peak)} MiB before GC), ` +
+      `${mib(atStart)} MiB at line ${top}; ${walkHeld} lines held, at most ${maxRows} rows in the DOM`);
+    // A budget, not a timing: the model holds at most 50,000 lines and the DOM 3,000 rows.
+    const HEAP_BUDGET = 64 * 1048576;
+    assert.ok(peakAfterGc < HEAP_BUDGET, `JS heap after GC ${mib(peakAfterGc)} MiB < ${mib(HEAP_BUDGET)} MiB`);
+    assert.ok(walkHeld <= 50_000 && maxRows <= 3000, `${walkHeld} lines, ${maxRows} rows`);
+    await walk.close();
   });
 
   test('groups of both syntaxes fold, nested; a failed step opens itself; first error jumps there', async () => {
@@ -380,8 +469,10 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     assert.ok(!lines.includes('installing a') && !lines.includes('compiling'), 'folded by default');
     assert.equal(await header('Install deps').getAttribute('aria-expanded'), 'false');
     assert.equal(await header('Build the thing').getAttribute('aria-expanded'), 'false');
-    assert.match(await header('Install deps').textContent(), /\(3 lines[,)]/);
-    assert.match(await header('Build the thing').textContent(), /\(1 line, 12\.0 s\)/);
+    const meta = (title) => header(title).getByTestId('section-meta').getAttribute('data-meta');
+    assert.match(await meta('Install deps'), /^3 lines(, |$)/);
+    assert.equal(await meta('Build the thing'), '1 line, 12.0 s');
+    assert.equal(await header('Build the thing').textContent(), 'Build the thing\n', 'a header reads as its title');
     // The failed step's section opened by itself.
     assert.equal(await header('Run tests').getAttribute('aria-expanded'), 'true');
     assert.ok(lines.includes('test failed: boom'));
@@ -395,7 +486,8 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     await header('Nested step').click();
     await waitForLine(page, 'nested line');
     lines = await outputLines(page);
-    const nested = lines.findIndex((l) => l.startsWith('▾ Nested step (1 line'));
+    const nested = lines.indexOf('Nested step');
+    assert.match(await meta('Nested step'), /^1 line(, |$)/);
     assert.ok(lines.indexOf('installing a') < nested && nested < lines.indexOf('nested line')
       && lines.indexOf('nested line') < lines.indexOf('installed'), `nested in order: ${lines.join(' | ')}`);
     await header('Build the thing').click();
@@ -416,6 +508,94 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     const box = await error.boundingBox();
     const vpBox = await page.getByTestId('output-viewport').boundingBox();
     assert.ok(box.y >= vpBox.y && box.y + box.height <= vpBox.y + vpBox.height, 'the error is in view');
+    await page.close();
+  });
+
+  test('stages fold into headers; groups nest inside them; an error opens its group', async () => {
+    const id = jobs.create('stages', 'queued');
+    jobs.setStatus(id, 'running');
+    const build = Array.from({ length: 5 }, (_, i) => ({ message: `build step ${i + 1}`, stage: 'build' }));
+    jobs.append(id, [
+      { message: '==> build', stage: 'build' },
+      ...build,
+      { message: '==> test', stage: 'test' },
+      { message: '::group::Unit tests', stage: 'test' },
+      { message: 'unit ok', stage: 'test' },
+      { message: '::endgroup::', stage: 'test' },
+      { message: '::group::Integration tests', stage: 'test' },
+      { message: 'integration a ok', stage: 'test' },
+      { message: 'integration b FAILED', stage: 'test', level: 'error', stream: 'stderr' },
+      { message: '::endgroup::', stage: 'test' },
+      { message: 'test summary: 1 failed', stage: 'test' },
+    ]);
+    jobs.setStatus(id, 'failed');
+    const page = await openJob(id);
+    await waitForState(page, 'ended');
+    await waitForLine(page, 'status: failed');
+    const sections = page.locator(`${OUTPUT} [data-testid="section"]`);
+    const stage = (name) => page.locator(`${OUTPUT} [data-testid="section"].stage`, { hasText: `==> ${name}` });
+    assert.equal(await page.locator(`${OUTPUT} [data-testid="section"].stage`).count(), 2, 'one header per stage');
+    // A stage header is its first line, with the stage's name, count and duration beside it.
+    assert.equal(await stage('build').textContent(), '==> build\n');
+    assert.equal(await stage('build').locator('.stage-name').getAttribute('data-name'), 'build');
+    assert.match(await stage('build').getByTestId('section-meta').getAttribute('data-meta'), /^6 lines, \d/);
+    // 5 lines: its first, the groups' 3 lines and the summary (markers are not lines of it).
+    assert.match(await stage('test').getByTestId('section-meta').getAttribute('data-meta'), /^5 lines, \d/);
+    assert.equal(await stage('build').getAttribute('aria-expanded'), 'true', 'stages start open');
+    assert.equal(await sections.filter({ hasText: 'Unit tests' }).getAttribute('aria-expanded'), 'false');
+    assert.equal(await sections.filter({ hasText: 'Integration tests' }).getAttribute('aria-expanded'), 'true',
+      'the group holding the error opened by itself');
+    assert.deepEqual(await outputLines(page), [
+      'status: running', '==> build', ...build.map((l) => l.message), '==> test', 'Unit tests', 'Integration tests',
+      'integration a ok', 'integration b FAILED', 'test summary: 1 failed', 'status: failed',
+    ]);
+    // Lines in a group are indented under its header; a stage's own lines are not.
+    const indent = (text) => page.locator(`${OUTPUT} .row`, { hasText: text }).first()
+      .evaluate((row) => getComputedStyle(row).getPropertyValue('--indent').trim());
+    assert.equal(await indent('integration a ok'), '1');
+    assert.equal(await indent('build step 1'), '');
+
+    // Folding a stage hides everything in it, groups included; the header stays in place.
+    await stage('build').click();
+    await waitUntil(async () => !(await outputLines(page)).includes('build step 1'), 'the build stage to fold');
+    assert.equal(await stage('build').getAttribute('aria-expanded'), 'false');
+    await stage('test').press('Enter');
+    await waitUntil(async () => !(await outputLines(page)).includes('integration a ok'), 'the test stage to fold');
+    assert.deepEqual(await outputLines(page), ['status: running', '==> build', '==> test', 'status: failed']);
+    // "First error" opens the folded stage and its group again.
+    await page.getByTestId('first-error').click();
+    await waitForLine(page, 'integration b FAILED');
+    assert.equal(await stage('test').getAttribute('aria-expanded'), 'true');
+    const error = page.locator(`${OUTPUT} .row`, { hasText: 'integration b FAILED' });
+    assert.match(await error.getAttribute('class'), /\bhl\b/);
+    assert.equal(new URL(page.url()).hash, `#L${await error.getAttribute('data-line')}`);
+    await page.close();
+  });
+
+  test('a reset (history went back) reloads the view with the new history', async () => {
+    const id = jobs.create('reset');
+    jobs.append(id, Array.from({ length: 10 }, (_, i) => `old ${i + 1}`));
+    const page = await openJob(id);
+    await waitForState(page, 'live');
+    await waitForLine(page, 'old 10');
+    await page.evaluate(() => { window.__beforeReset = true; });
+    // An asynchronous failover as the gateway sees it: events 6..10 are gone and new
+    // ones take seqs 6..8, so the page's cursor (10) is past the job's end.
+    await gw.kill();
+    pg.sql(`BEGIN;
+      DELETE FROM agent_job_events WHERE job_id = '${id}' AND seq > 5;
+      UPDATE agent_jobs SET last_seq = 5, last_line = 5 WHERE id = '${id}';
+      INSERT INTO agent_job_events (job_id, level, message, payload)
+        SELECT '${id}', 'info', 'new ' || i, '{"kind":"log","stream":"stdout"}' FROM generate_series(1, 3) i;
+      COMMIT;`);
+    await gw.start();
+    await waitForLine(page, 'new 3', 60_000);
+    assert.equal(await page.evaluate(() => window.__beforeReset), undefined, 'the page was reloaded');
+    assert.deepEqual(await outputLines(page), ['old 1', 'old 2', 'old 3', 'old 4', 'old 5', 'new 1', 'new 2', 'new 3']);
+    await waitForState(page, 'live', 60_000);
+    jobs.append(id, ['after the reset']);
+    await waitForLine(page, 'after the reset');
+    assert.equal((await outputLines(page)).length, 9);
     await page.close();
   });
 
@@ -636,51 +816,58 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     await page.close();
   });
 
-  test('screenshots of the job page, light and dark: folded sections, a permalinked line', async () => {
+  test('screenshots for the docs, light and dark: folded sections, a permalinked line', async () => {
     const id = jobs.create('demo build #7', 'queued');
     jobs.setStatus(id, 'running');
-    const stages = ['checkout', 'build', 'test'];
-    let n = 0;
-    for (const stage of stages) {
-      const batch = [{ message: `\x1b[1;34m==> ${stage}\x1b[0m`, stage }];
-      // Folded sections of both syntaxes, one nested.
-      if (stage === 'checkout') {
-        batch.push({ message: '::group::Fetch submodules', stage }, { message: 'fetching vendor/a', stage },
-          { message: '::group::vendor/b', stage }, { message: 'fetching vendor/b', stage }, { message: '::endgroup::', stage },
-          { message: '::endgroup::', stage });
-      }
-      if (stage === 'build') {
-        batch.push({ message: '\x1b[0Ksection_start:1700000000:deps[collapsed=true]\r\x1b[0KResolve dependencies', stage },
-          ...Array.from({ length: 40 }, (_, k) => ({ message: `resolved crate_${k} v1.${k}.0`, stage })),
-          { message: 'section_end:1700000007:deps', stage });
-      }
-      for (let i = 0; i < 8; i++) {
-        n++;
-        if (stage === 'build' && i === 3) {
-          batch.push({ message: `\x1b[33mwarning\x1b[0m: unused variable \`x${n}\` (src/lib.rs:${n})`, stage, level: 'warn', stream: 'stderr' });
-        } else if (stage === 'test' && i % 2) {
-          batch.push({ message: `test case_${n} ... \x1b[32mok\x1b[0m`, stage });
-        } else if (stage === 'test' && i === 6) {
-          batch.push({ message: `\x1b[31merror\x1b[0m: flaky test case_${n} retried`, stage, level: 'error', stream: 'stderr' });
-        } else {
-          batch.push({ message: `[${stage}] step ${i}: processed item ${n}`, stage });
-        }
-      }
-      jobs.append(id, batch);
-    }
-    jobs.setStatus(id, 'succeeded');
-    fs.mkdirSync(SCREENSHOTS, { recursive: true });
+    const at = (stage, messages) => messages.map((m) => (typeof m === 'string' ? { message: m, stage } : { stage, ...m }));
+    jobs.append(id, at('checkout', [
+      '\x1b[1;34m==> checkout\x1b[0m', 'git fetch --depth 1 origin 5f3c2a1',
+      '::group::Fetch submodules', 'fetching vendor/a', '::group::vendor/b', 'fetching vendor/b', '::endgroup::', '::endgroup::',
+      'HEAD is now at 5f3c2a1 http: one stream slot per response',
+    ]));
+    jobs.append(id, at('build', [
+      '\x1b[1;34m==> build\x1b[0m',
+      '\x1b[0Ksection_start:1700000000:deps[collapsed=true]\r\x1b[0KResolve dependencies',
+      ...Array.from({ length: 40 }, (_, k) => `resolved crate_${k} v1.${k}.0`),
+      'section_end:1700000007:deps',
+      '\x1b[32m   Compiling\x1b[0m eventgate v0.1.0',
+      { message: '\x1b[33mwarning\x1b[0m: unused variable `x` (src/lib.rs:42)', level: 'warn', stream: 'stderr' },
+      '     |     let x = 1;', '     |         ^ help: prefix it with an underscore: `_x`',
+      '\x1b[32m    Finished\x1b[0m `dev` profile in 41.7 s',
+    ]));
+    jobs.append(id, at('test', [
+      '\x1b[1;34m==> test\x1b[0m',
+      '::group::Unit tests', ...Array.from({ length: 12 }, (_, k) => `test unit_${k} ... \x1b[32mok\x1b[0m`), '::endgroup::',
+      '::group::Integration tests', 'test gateway::resume ... \x1b[32mok\x1b[0m',
+      { message: 'test gateway::failover ... \x1b[31mFAILED\x1b[0m', level: 'error', stream: 'stderr' },
+      { message: "thread 'failover' panicked at tests/failover.rs:154: reset expected", level: 'error', stream: 'stderr' },
+      '::endgroup::',
+      'test result: \x1b[31mFAILED\x1b[0m. 13 passed; 1 failed',
+    ]));
+    jobs.setStatus(id, 'failed');
+    fs.mkdirSync(IMAGES, { recursive: true });
     for (const scheme of ['light', 'dark']) {
       const page = await browser.context.newPage();
       await page.emulateMedia({ colorScheme: scheme });
-      // A permalinked line, highlighted.
-      await page.goto(`${gw.base}/jobs/${id}#L61`);
+      // Folded sections: groups folded by default, the failing one opened by itself,
+      // the checkout stage folded by hand.
+      await page.goto(`${gw.base}/jobs/${id}`);
       await waitForState(page, 'ended');
-      await page.locator(`${OUTPUT} .hl`).waitFor();
-      await page.getByTestId('toggle-timestamps').check();
+      await page.locator(`${OUTPUT} [data-testid="section"].stage`, { hasText: '==> checkout' }).click();
       await settle(page);
-      await page.screenshot({ path: path.join(SCREENSHOTS, `job-${scheme}.png`) });
+      await page.screenshot({ path: path.join(IMAGES, `viewer-sections-${scheme}.png`) });
+      // A permalinked range, highlighted, with timestamps.
+      const warning = await page.locator(`${OUTPUT} .row.level-warn`).getAttribute('data-line');
       await page.close();
+      const linked = await browser.context.newPage();
+      await linked.emulateMedia({ colorScheme: scheme });
+      await linked.goto(`${gw.base}/jobs/${id}#L${warning}-L${Number(warning) + 2}`);
+      await waitForState(linked, 'ended');
+      assert.equal(await linked.locator(`${OUTPUT} .hl`).count(), 3);
+      await linked.getByTestId('toggle-timestamps').check();
+      await settle(linked);
+      await linked.screenshot({ path: path.join(IMAGES, `viewer-permalink-${scheme}.png`) });
+      await linked.close();
     }
   });
 });

@@ -133,11 +133,15 @@ function linesOf(events, prevStage) {
 
 // ---- sections ---------------------------------------------------------------------
 //
+// Stages (a change of `payload.stage`: the stage's first line is its header), and
 // `::group::<title>` / `::endgroup::` (GitHub Actions) and
 // `section_start:<unix>:<name>[collapsed=true]` / `section_end:<unix>:<name>` (GitLab)
-// lines become headers that fold what they hold. Each line knows its innermost section
-// (`p`); a header line holds its section (`h`); end markers (`x`) are never shown. A
-// folded section's lines are left out of the view, so folding costs no DOM.
+// lines inside them, become headers that fold what they hold. Each line knows its
+// innermost section (`p`); a header line holds its section (`h`); end markers (`x`)
+// are never shown. A folded section's lines are left out of the view, so folding costs
+// no DOM. Sections are built from the loaded lines: a section whose start is not loaded
+// (a page opened in the middle of a huge log) shows its lines unfolded, without a
+// header, until scrolling up loads its start.
 
 const GROUP = /^::group::(.*)$/;
 const ENDGROUP = /^::endgroup::\s*$/;
@@ -168,14 +172,49 @@ const openState = new Map();
 /** Sections whose header shows a changed count or duration. */
 const touched = new Set();
 
+/** Closes every open section at time `at` (a new stage, or the job's status). */
+function closeAll(at) {
+  for (const sec of sectionStack) {
+    if (sec.t1 === null || sec.stage) sec.t1 = at;
+    touched.add(sec);
+  }
+  sectionStack = [];
+}
+
+/** Whether a line starts a stage section (the first line of a new `payload.stage`). */
+function startsStage(line) {
+  return line.s && !line.mk && line.e.kind === 'log' && line.e.stage !== undefined;
+}
+
+/** Whether anything loaded makes a section (else nothing needs rebuilding). */
+function hasSections(list) {
+  return list.some((l) => l.mk || l.s);
+}
+
 /** Assigns sections to `list` (lines in order), going on from `stack`. */
 function assignSections(list) {
   for (const line of list) {
+    if (startsStage(line)) {
+      const at = Date.parse(line.e.at);
+      closeAll(at);
+      const sec = { title: line.e.stage, n: line.n, name: null, parent: null, depth: 0, count: 1, t0: at, t1: at, err: line.e.level === 'error', collapsed: false, stage: true };
+      line.h = sec;
+      line.p = null;
+      sectionStack.push(sec);
+      continue;
+    }
+    if (line.e.kind === 'status') {
+      // A status change ends every section: it is the job's, not a step's.
+      closeAll(Date.parse(line.e.at));
+      line.p = null;
+      continue;
+    }
     const parent = sectionStack[sectionStack.length - 1] || null;
     const mk = line.mk;
     if (mk && mk.start) {
       const at = mk.ts ?? Date.parse(line.e.at);
-      const sec = { title: mk.title, n: line.n, name: mk.name, parent, depth: sectionStack.length, count: 0, t0: at, t1: null, err: false, collapsed: mk.collapsed };
+      const depth = sectionStack.filter((open) => !open.stage).length;
+      const sec = { title: mk.title, n: line.n, name: mk.name, parent, depth, count: 0, t0: at, t1: null, err: false, collapsed: mk.collapsed, stage: false };
       line.h = sec;
       line.p = parent;
       sectionStack.push(sec);
@@ -186,6 +225,7 @@ function assignSections(list) {
       // GitHub's end closes the innermost group; GitLab's closes its named section.
       let i = sectionStack.length - 1;
       if (mk.name !== null) while (i >= 0 && sectionStack[i].name !== mk.name) i--;
+      if (i >= 0 && sectionStack[i].stage) i = -1; // an end marker never closes a stage
       if (i >= 0) {
         const at = mk.ts ?? Date.parse(line.e.at);
         for (let j = sectionStack.length - 1; j >= i; j--) {
@@ -197,10 +237,12 @@ function assignSections(list) {
       continue;
     }
     line.p = parent;
+    let at = null;
     for (let sec = parent; sec; sec = sec.parent) {
       sec.count++;
       touched.add(sec);
       if (line.e.level === 'error') sec.err = true;
+      if (sec.stage) sec.t1 = at ?? (at = Date.parse(line.e.at));
     }
   }
 }
@@ -225,26 +267,48 @@ function isOpen(sec) {
 function sectionMeta(sec) {
   let text = `${sec.count} line${sec.count === 1 ? '' : 's'}`;
   if (sec.t1 !== null && Number.isFinite(sec.t1 - sec.t0)) text += `, ${formatDuration(Math.max(0, sec.t1 - sec.t0))}`;
-  return `(${text})`;
+  return text;
 }
 
+/** Log text as shown: bidirectional controls as their code. */
+function shown(text) {
+  return text.replace(BIDI, (c) => `<U+${c.charCodeAt(0).toString(16).toUpperCase()}>`);
+}
+
+/** A header row: the caret, a stage's name and the count and duration are CSS generated
+ * content, so the row's text is the section's title (or the stage's first line). */
 function headerOf(line, row) {
   const sec = line.h;
   row.classList.add('section');
+  if (sec.stage) row.classList.add('stage');
+  if (sec.err) row.classList.add('has-error');
   row.dataset.testid = 'section';
   row.setAttribute('role', 'button');
   row.tabIndex = 0;
   row.setAttribute('aria-expanded', String(isOpen(sec)));
-  row.style.paddingLeft = `calc(12px + ${sec.depth * 1.5}em)`;
   const caret = document.createElement('span');
   caret.className = 'caret';
-  caret.textContent = isOpen(sec) ? '▾ ' : '▸ ';
+  caret.setAttribute('aria-hidden', 'true');
   row.appendChild(caret);
-  for (const [run, state] of parseAnsi(line.t)) appendRun(row, run, state, filter.needle);
+  if (sec.stage) {
+    const name = document.createElement('span');
+    name.className = 'stage-name';
+    name.dataset.name = sec.title;
+    row.appendChild(name);
+  }
+  for (const [run, state] of parseAnsi(shown(line.t))) appendRun(row, run, state, filter.needle);
   const meta = document.createElement('span');
   meta.className = 'sec-meta';
-  meta.textContent = ' ' + sectionMeta(sec);
+  meta.dataset.testid = 'section-meta';
+  meta.dataset.meta = sectionMeta(sec);
   row.appendChild(meta);
+}
+
+/** How far a line's text is indented: one step per group around it (stages: none). */
+function indentOf(line) {
+  if (line.h) return line.h.depth;
+  const parent = line.p;
+  return parent && !parent.stage ? parent.depth + 1 : 0;
 }
 
 /** Opens or closes a section, keeping its header where it is. */
@@ -252,8 +316,10 @@ function toggleSection(n, open) {
   openState.set(n, open);
   view = lines.filter(matches);
   follow = false;
-  updateFollow();
   showLine(n, false);
+  // Still at the end (a short log): keep following, as the user had it.
+  if (!userPaused && newerDone && winEnd === view.length && atBottom()) follow = true;
+  updateFollow();
 }
 
 /** Refreshes the headers in the DOM whose numbers changed; reopens what an error opened. */
@@ -262,7 +328,8 @@ function refreshSections() {
   for (const sec of touched) {
     const row = out.querySelector(`[data-testid="section"][data-line="${sec.n}"]`);
     if (row) {
-      row.querySelector('.sec-meta').textContent = ' ' + sectionMeta(sec);
+      row.querySelector('.sec-meta').dataset.meta = sectionMeta(sec);
+      row.classList.toggle('has-error', sec.err);
       if (row.getAttribute('aria-expanded') !== String(isOpen(sec))) reopened = true;
     }
   }
@@ -270,13 +337,33 @@ function refreshSections() {
   return reopened;
 }
 
-function jumpToFirstError() {
-  const line = lines.find((l) => l.e.level === 'error' && !l.x);
+/** The first error-level line of the log: among the loaded lines when the log's start is
+ * loaded, else asked of the gateway (`events?level=error&limit=1`); when it lies outside
+ * what is loaded, the page opens at it as at a permalink. */
+async function jumpToFirstError() {
+  let line = olderDone ? lines.find((l) => l.e.level === 'error' && !l.x) : undefined;
   if (!line) {
-    toast('No error in the loaded lines');
-    return;
+    let first;
+    try {
+      first = (await getJson(`${api}/events?level=error&limit=1`)).items[0];
+    } catch {
+      toast('Could not look for the first error; try again');
+      return;
+    }
+    if (!first) {
+      toast('No error in this log');
+      return;
+    }
+    line = lines.find((l) => l.e.seq === first.seq && !l.x) || lines.find((l) => l.e.seq === first.seq);
+    if (!line) {
+      // Not loaded: open the page at it (the hashchange handler reloads at an address).
+      const hash = `#L${typeof first.line === 'number' ? first.line : 1}`;
+      if (location.hash === hash) location.reload();
+      else location.hash = hash;
+      return;
+    }
   }
-  for (let sec = line.p; sec; sec = sec.parent) openState.set(sec.n, true);
+  openAround(line);
   highlight = [line.n, line.n];
   anchorLine = line.n;
   history.replaceState(null, '', `#L${line.n}`);
@@ -284,6 +371,11 @@ function jumpToFirstError() {
   follow = false;
   updateFollow();
   showLine(line.n);
+}
+
+/** Opens every section around a line (a permalink's, the first error's). */
+function openAround(line) {
+  for (let sec = line.p; sec; sec = sec.parent) openState.set(sec.n, true);
 }
 
 /** Plain lowercase text of a line, computed once when first searched. */
@@ -326,11 +418,12 @@ function rowOf(line) {
   number.dataset.n = line.n;
   number.setAttribute('aria-hidden', 'true');
   row.appendChild(number);
+  const indent = indentOf(line);
+  if (indent) row.style.setProperty('--indent', indent);
   if (line.h) {
     headerOf(line, row);
   } else {
-    const text = line.t.replace(BIDI, (c) => `<U+${c.charCodeAt(0).toString(16).toUpperCase()}>`);
-    for (const [run, state] of parseAnsi(text)) appendRun(row, run, state, filter.needle);
+    for (const [run, state] of parseAnsi(shown(line.t))) appendRun(row, run, state, filter.needle);
   }
   // textContent of the output reads as lines; the newline itself is not displayed.
   const nl = document.createElement('span');
@@ -392,6 +485,9 @@ function extendUp() {
     vp.scrollTop += vp.scrollHeight - before;
     lastTop = vp.scrollTop;
     trimBottom();
+    // Near the first loaded line: fetch the page before it now, while these rows are
+    // read, not when the top is reached.
+    if (winStart < 2 * CHUNK && !olderDone) loadOlder();
     updateOlder();
   } else if (!olderDone) {
     loadOlder();
@@ -458,7 +554,7 @@ function prependLines(older) {
     first.s = first.e.stage !== lastOlder.e.stage;
   }
   lines = older.concat(lines);
-  if (older.some((l) => l.mk) || lines.some((l) => l.mk)) {
+  if (hasSections(older) || hasSections(lines)) {
     // Sections may start in the older lines: rebuild them and the view, keeping the window.
     const firstShown = view[winStart];
     rebuildSections();
@@ -637,7 +733,7 @@ function trimOlder() {
   winEnd -= drop;
   firstSeq = keepSeq;
   olderDone = false;
-  if (lines.some((l) => l.mk)) rebuildSections();
+  if (hasSections(lines)) rebuildSections();
   updateOlder();
   loadedChanged();
 }
@@ -670,7 +766,7 @@ function trimNewer() {
     clearTimeout(retryTimer);
     setConn('paused', 'Scrolled far from the end: newer lines load as you scroll down');
   }
-  if (lines.some((l) => l.mk)) rebuildSections();
+  if (hasSections(lines)) rebuildSections();
   loadedChanged();
 }
 
@@ -1137,6 +1233,16 @@ async function start() {
       tail = await getJson(`${api}/events?line=${from}&limit=${PAGE}`);
       newerDone = tail.items.length < PAGE;
       anchorLine = highlight[0];
+      // And the page before it, so that sections starting up to a page above the line
+      // have their headers (one that starts further up shows its lines unfolded).
+      if (tail.items.length && tail.items[0].seq > 1) {
+        try {
+          const before = await getJson(`${api}/events?beforeSeq=${tail.items[0].seq}&limit=${PAGE}`);
+          tail.items = before.items.concat(tail.items);
+        } catch {
+          // without it: the line's own page, sections above it not known until scrolled to
+        }
+      }
     } else {
       tail = await getJson(`${api}/events?beforeSeq=${END_SEQ}&limit=${PAGE}`);
     }
@@ -1156,6 +1262,10 @@ async function start() {
   }
   if (tail.failed) firstSeq = lastSeq = 0; // SSE starts from the beginning instead
   rebuildSections();
+  if (highlight) {
+    const target = lines.find((l) => l.n >= highlight[0]);
+    if (target) openAround(target);
+  }
   view = lines.filter(matches);
   if (highlight) {
     follow = false;
