@@ -806,3 +806,48 @@ impl Job {
         self.lock().end.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Level;
+    use serde_json::value::RawValue;
+
+    fn batch(seq: i64, bytes: usize) -> Arc<Batch> {
+        let event = Event {
+            id: Uuid::nil(),
+            job_id: Uuid::nil(),
+            seq,
+            level: Level::Info,
+            line: seq,
+            message: "x".repeat(bytes),
+            payload: RawValue::from_string("{}".into()).unwrap(),
+            created_at: "2026-01-01T00:00:00.000000Z".into(),
+            created_us: 0,
+        };
+        Arc::new(Batch::encode(&[event], false))
+    }
+
+    #[test]
+    fn a_ring_catch_up_is_bounded_in_bytes_but_gives_one_batch() {
+        let settings = Settings::default();
+        let job = Job::new(Uuid::nil(), 0, None, None, &settings);
+        for seq in 1..=5 {
+            job.publish(batch(seq, 300 << 10), Uuid::nil(), &settings);
+        }
+        // About 1 MiB of 300 KiB batches: four of them, then the rest on the next call.
+        let CatchUp::Frames(frames, upto, last) = job.catch_up(0, 1 << 20) else {
+            panic!("the ring reaches back to the start");
+        };
+        assert_eq!((frames.len(), upto, last), (4, 4, 5));
+        let CatchUp::Frames(frames, upto, _) = job.catch_up(upto, 1 << 20) else {
+            panic!("still in the ring");
+        };
+        assert_eq!((frames.len(), upto), (1, 5));
+        // However small the budget, one batch.
+        let CatchUp::Frames(frames, upto, _) = job.catch_up(2, 1) else {
+            panic!("still in the ring");
+        };
+        assert_eq!((frames.len(), upto), (1, 3));
+    }
+}
