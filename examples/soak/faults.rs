@@ -301,7 +301,7 @@ async fn failover(ctx: &Context) -> Result<String, String> {
                 // A replica restarted meanwhile (gateway_kill) starts its counter at 0.
                 let now = metric(addr, "eventgate_listener_reconnects_total").await;
                 let reconnected = match (now, before) {
-                    (Some(now), Some(before)) => now > *before || now < *before,
+                    (Some(now), Some(before)) => now != *before,
                     _ => false,
                 };
                 if reconnected && matches!(crate::sse::get(addr, "/readyz").await, Ok((200, _))) {
