@@ -266,6 +266,11 @@ async fn inject(ctx: &Context, kind: Kind, nth: u64) -> Result<String, String> {
 async fn failover(ctx: &Context) -> Result<String, String> {
     let mut pair = ctx.pair.lock().await;
     let (old, new) = (pair.primary(), pair.standby());
+    // Ready again means: a new LISTEN session (the old one died with the primary).
+    let mut reconnects = Vec::new();
+    for &addr in &ctx.shared.replicas {
+        reconnects.push(metric(addr, "eventgate_listener_reconnects_total").await);
+    }
     let began = std::time::Instant::now();
     let (o, n) = (old.clone(), new.clone());
     tokio::task::spawn_blocking(move || {
@@ -278,27 +283,41 @@ async fn failover(ctx: &Context) -> Result<String, String> {
     let promoted = began.elapsed();
     pair.primary = 1 - pair.primary;
     pair.failovers += 1;
+    // The gateways find the new primary while the new standby is being made (commits
+    // wait for that; reads and streams do not).
     let (o, n) = (old.clone(), new.clone());
-    tokio::task::spawn_blocking(move || o.rebuild_as_standby_of(&n))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("rebuild the standby: {e}"))?;
-    let rebuilt = began.elapsed();
-    // Both gateways ready again (LISTEN on the new primary, pool answering).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut ready = Vec::new();
-    for &addr in &ctx.shared.replicas {
-        loop {
-            if matches!(crate::sse::get(addr, "/readyz").await, Ok((200, _))) {
-                ready.push(began.elapsed());
-                break;
+    let rebuild = async {
+        tokio::task::spawn_blocking(move || o.rebuild_as_standby_of(&n))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("rebuild the standby: {e}"))?;
+        Ok::<_, String>(began.elapsed())
+    };
+    let gateways = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut ready = Vec::new();
+        for (&addr, before) in ctx.shared.replicas.iter().zip(&reconnects) {
+            loop {
+                // A replica restarted meanwhile (gateway_kill) starts its counter at 0.
+                let now = metric(addr, "eventgate_listener_reconnects_total").await;
+                let reconnected = match (now, before) {
+                    (Some(now), Some(before)) => now != *before,
+                    _ => false,
+                };
+                if reconnected && matches!(crate::sse::get(addr, "/readyz").await, Ok((200, _))) {
+                    ready.push(began.elapsed());
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(format!("gateway {addr} not ready 60 s after the failover"));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if tokio::time::Instant::now() > deadline {
-                return Err(format!("gateway {addr} not ready 60 s after the failover"));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
+        Ok(ready)
+    };
+    let (rebuilt, ready) = tokio::join!(rebuild, gateways);
+    let (rebuilt, ready) = (rebuilt?, ready?);
     let ready = ready.into_iter().max().unwrap_or_default();
     ctx.failover_ready
         .lock()
