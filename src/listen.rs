@@ -54,9 +54,6 @@ impl Readiness {
 
     /// The database refuses writes (read-only or in recovery): the gateway still
     /// serves what exists, but workers cannot add to it.
-    // For `/readyz` (503, reason `database_read_only`): src/http is another helper's
-    // this round, so the route reads it once merged (docs/reliability.md).
-    #[allow(dead_code)]
     pub fn is_read_only(&self) -> bool {
         self.read_only.load(Ordering::Relaxed)
     }

@@ -603,12 +603,19 @@ async fn a_read_only_database_keeps_output_in_the_worker_and_the_gateway_serving
     let mut sse = Sse::job(gw.addr, job, None).await;
     assert_eq!(sse.status, 200);
     assert_exact(&seqs(&sse.until_seq(held).await), 1, held);
+    // Ready (it serves what exists), and it says writes are refused.
+    let ready = get(gw.addr, "/readyz").await.unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(ready.json()["writable"], false, "{}", ready.text());
+    assert_eq!(ready.json()["reason"], "database_read_only");
 
     set_read_only(&admin, false).await;
     wait_for("the gateway to see the database writable", || async {
         gw.metric("eventgate_database_read_only").await == 0
     })
     .await;
+    let ready = get(gw.addr, "/readyz").await.unwrap();
+    assert_eq!(ready.json()["writable"], true, "{}", ready.text());
     let outcome = tokio::time::timeout(PATIENCE, worker)
         .await
         .expect("the worker finishes")

@@ -286,14 +286,32 @@ async fn readyz(app: &App) -> Result<Response<Body>> {
         Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
         Err(_) => false,
     };
-    let status = if listener && pool {
+    // Set by the LISTEN session's ping (listen.rs). A database that refuses writes
+    // (read-only, in recovery, disk full) leaves the gateway ready: it still serves
+    // everything that exists, and taking every replica out of the balancer would end
+    // that too. The body says so, for the operator and for probes that care.
+    let writable = !app.ready.is_read_only();
+    let ready = listener && pool;
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let reason = match (listener, pool, writable) {
+        (false, _, _) => Some("listener_down"),
+        (_, false, _) => Some("database_unreachable"),
+        (_, _, false) => Some("database_read_only"),
+        _ => None,
+    };
     Ok(body::json_response(
         status,
-        &json!({ "ready": listener && pool, "listener": listener, "database": pool }),
+        &json!({
+            "ready": ready,
+            "listener": listener,
+            "database": pool,
+            "writable": writable,
+            "reason": reason,
+        }),
     ))
 }
 
