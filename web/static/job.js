@@ -692,7 +692,9 @@ async function loadOlder() {
   try {
     const page = await getJson(`${api}/events?beforeSeq=${firstSeq}&limit=${PAGE}`);
     const events = page.items.filter((ev) => ev.seq < firstSeq);
-    if (!events.length || events[0].seq <= 1 || page.items.length < PAGE) olderDone = true;
+    // A page may be cut short by the gateway's byte budget (about 1 MiB), so a short
+    // page is not the start: only seq 1 or an empty page is.
+    if (!events.length || events[0].seq <= 1) olderDone = true;
     if (events.length) {
       firstSeq = events[0].seq;
       prependLines(linesOf(events, olderDone ? null : undefined));
@@ -997,7 +999,8 @@ async function pollOnce() {
     for (const ev of page.items) receive(ev);
     // The status event commits with the status, so a terminal status read before these
     // events means the page reached the end.
-    if (TERMINAL.has(page.jobStatus) && page.items.length < PAGE) {
+    // (An empty page: a short one may only have met the gateway's byte budget.)
+    if (TERMINAL.has(page.jobStatus) && page.items.length === 0) {
       await finish(page.jobStatus);
       return;
     }
@@ -1251,7 +1254,7 @@ async function start() {
     newerDone = true;
   }
   const items = tail.items;
-  olderDone = !tail.failed && (!items.length || items[0].seq <= 1 || (!highlight && items.length < PAGE));
+  olderDone = !tail.failed && (!items.length || items[0].seq <= 1);
   if (items.length && typeof items[0].line !== 'number' && !olderDone) nextLine = items[0].seq;
   prevStage = olderDone ? null : undefined;
   if (items.length) {
