@@ -1,7 +1,8 @@
 //! HTTP caching of finished history, against one real gateway: a finished job's polling
 //! pages and raw log carry a strong `ETag` and an immutable `Cache-Control` (`public`
 //! with auth off, `private` with auth on), `If-None-Match` gets 304 without a read of
-//! its events, and everything that can still change stays uncacheable.
+//! its events, and everything that can still change stays uncacheable. Pages are
+//! compressed when the client accepts it.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use eventgate::Config;
+use tokio::io::AsyncWriteExt;
 
 const PAGE_READS: &str = "eventgate_table_reads_total{purpose=\"page\"}";
 const IMMUTABLE_PUBLIC: &str = "public, max-age=31536000, immutable";
@@ -81,6 +83,25 @@ async fn a_finished_jobs_pages_are_immutable_and_revalidate_with_304() {
     assert_eq!(stale.status, 200);
     assert_eq!(stale.body, first.body);
     assert_eq!(gateway.metric(PAGE_READS).await, reads + 1);
+
+    // Compressed when accepted, a representation (and a tag) of its own.
+    let gzip = request(
+        gateway.addr,
+        "GET",
+        &page,
+        &[("Accept-Encoding", "gzip")],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(gzip.status, 200);
+    assert_eq!(gzip.header("content-encoding"), Some("gzip"));
+    assert_eq!(gzip.header("vary"), Some("Accept-Encoding"));
+    assert_ne!(gzip.header("etag"), Some(etag.as_str()));
+    let mut decoder = async_compression::tokio::write::GzipDecoder::new(Vec::new());
+    decoder.write_all(&gzip.body).await.unwrap();
+    decoder.shutdown().await.unwrap();
+    assert_eq!(decoder.into_inner(), first.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

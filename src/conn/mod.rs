@@ -117,12 +117,13 @@ async fn serve_tls(
     tls: &crate::tls::Tls,
 ) {
     let acceptor = tls.acceptor();
+    let deadline = tokio::time::Instant::now() + shared.header_timeout;
     let handshake = async move {
         // No TLS state until the client speaks.
         stream.readable().await?;
         acceptor.accept(stream).await
     };
-    let stream = match tokio::time::timeout(shared.header_timeout, handshake).await {
+    let mut stream = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(client = %peer, error = %e, "tls handshake failed");
@@ -133,6 +134,23 @@ async fn serve_tls(
             return;
         }
     };
+    // A client that finishes its handshake and then says nothing is let go at the same
+    // deadline: hyper's HTTP/2 would wait for its preface forever. (Browsers open such
+    // connections speculatively, and one stays idle next to the one they use.) What
+    // came with the handshake's last flight is already decrypted, or still on the
+    // socket.
+    let (tcp, session) = stream.get_mut();
+    let decrypted = session
+        .process_new_packets()
+        .is_ok_and(|state| state.plaintext_bytes_to_read() > 0);
+    if !decrypted
+        && tokio::time::timeout_at(deadline, tcp.readable())
+            .await
+            .is_err()
+    {
+        tracing::debug!(client = %peer, "nothing sent after the tls handshake; closing");
+        return;
+    }
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     let result = Box::pin(serve_hyper_io(stream, peer, shared, drain, h2, true)).await;
     if let Err(e) = result {

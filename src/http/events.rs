@@ -1,15 +1,18 @@
 //! `/api/queue/jobs/{id}/events`: appending events and reading them a page at a time
 //! (the polling fallback and the original system's cursors).
 
+use hyper::header;
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use super::body::full;
 use super::body::{json_response, read_json, Body, RequestBody};
 use super::cache;
 use super::error::{ApiError, Result};
+use super::log::{compress, Coding};
 use super::query::{level_filter, Original, PageQuery};
 use super::App;
 use crate::model::{Level, NewEvent};
@@ -144,12 +147,18 @@ pub(super) async fn page<B>(app: &App, id: Uuid, req: &Request<B>) -> Result<Res
     // A finished job's pages never change ([`super::cache`]): a client or cache that
     // holds this one gets 304 before any read of its events.
     let auth_on = app.config.auth.is_on();
-    let etag = status
-        .is_terminal()
-        .then(|| cache::etag(id, last_seq, "page", req.uri().query()));
+    let coding = Coding::negotiate(
+        req.headers()
+            .get(header::ACCEPT_ENCODING)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let etag = status.is_terminal().then(|| {
+        let what = format!("page-{}", coding.header().unwrap_or("identity"));
+        cache::etag(id, last_seq, &what, req.uri().query())
+    });
     if let Some(etag) = &etag {
         if cache::not_modified(req, etag) {
-            return Ok(cache::unchanged(etag, auth_on, None));
+            return Ok(cache::unchanged(etag, auth_on, Some("Accept-Encoding")));
         }
     }
     // `line=N`: the page starts at the event holding line N (or the log's start).
@@ -211,14 +220,25 @@ pub(super) async fn page<B>(app: &App, id: Uuid, req: &Request<B>) -> Result<Res
         next_after_seq: i64,
         job_status: crate::model::JobStatus,
     }
-    let mut res = json_response(
-        StatusCode::OK,
-        &Page {
-            items: items.iter().map(|i| &**i).collect(),
-            next_after_seq: next_after,
-            job_status: status,
-        },
-    );
+    let page = Page {
+        items: items.iter().map(|i| &**i).collect(),
+        next_after_seq: next_after,
+        job_status: status,
+    };
+    let json = serde_json::to_vec(&page).expect("json always serializes");
+    let mut res = Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-store")
+        .header(header::VARY, "Accept-Encoding");
+    // Compressed when the client accepts it (a page is up to a megabyte of JSON).
+    let body = match coding.header() {
+        Some(name) => {
+            res = res.header(header::CONTENT_ENCODING, name);
+            compress(coding, json).await
+        }
+        None => json.into(),
+    };
+    let mut res = res.body(full(body)).expect("constant headers won't error");
     if let Some(etag) = &etag {
         cache::mark(res.headers_mut(), etag, auth_on);
     }

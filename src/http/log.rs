@@ -139,7 +139,8 @@ impl Coding {
         best.0
     }
 
-    fn header(self) -> Option<&'static str> {
+    /// The `Content-Encoding` of this coding (`None` for identity).
+    pub(super) fn header(self) -> Option<&'static str> {
         match self {
             Coding::Identity => None,
             Coding::Gzip => Some("gzip"),
@@ -147,6 +148,20 @@ impl Coding {
             Coding::Zstd => Some("zstd"),
         }
     }
+}
+
+/// `bytes` compressed whole with `coding` (a response body that is all in memory).
+pub(super) async fn compress(coding: Coding, bytes: Vec<u8>) -> Bytes {
+    let mut encoder = Encoder::new(coding);
+    let head = encoder.push(bytes, false).await;
+    let tail = encoder.finish().await;
+    if tail.is_empty() {
+        return head;
+    }
+    let mut whole = Vec::with_capacity(head.len() + tail.len());
+    whole.extend_from_slice(&head);
+    whole.extend_from_slice(&tail);
+    Bytes::from(whole)
 }
 
 /// A streaming compressor writing into memory: text goes in, whatever compressed
