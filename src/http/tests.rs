@@ -266,7 +266,8 @@ async fn an_unreachable_database_is_503_with_retry_after() {
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         ready.json(),
-        json!({"ready": false, "listener": false, "database": false})
+        json!({"ready": false, "listener": false, "database": false, "writable": true,
+               "reason": "listener_down"})
     );
 }
 
