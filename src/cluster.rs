@@ -79,24 +79,7 @@ impl Cluster {
             as_postgres: primary.as_postgres,
             watchdog: None,
         };
-        let mut cmd = cluster.command("pg_basebackup");
-        cmd.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &primary.port.to_string(),
-            "-U",
-            "postgres",
-        ])
-        .arg("-D")
-        .arg(cluster.data())
-        .args(["-R", "-X", "stream", "--no-sync"]);
-        run(cmd, "pg_basebackup")?;
-        cluster.append_conf(&format!(
-            "\n# standby\nport = {}\nunix_socket_directories = '{}'\n",
-            cluster.port,
-            cluster.dir.display()
-        ))?;
+        cluster.copy_as_standby(primary)?;
         cluster.spawn_watchdog()?;
         cluster.pg_ctl(&["start", "-w", "-t", "60"], true)?;
         cluster.wait_ready()?;
@@ -149,6 +132,15 @@ impl Cluster {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
+        self.copy_as_standby(primary)?;
+        self.pg_ctl(&["start", "-w", "-t", "60"], true)?;
+        self.wait_ready()
+    }
+
+    /// Fills this cluster's (empty) data directory with a `pg_basebackup -R` of
+    /// `primary` (a fast checkpoint, so it does not wait for the next one) and points
+    /// it at this cluster's own port and socket directory.
+    fn copy_as_standby(&self, primary: &Cluster) -> io::Result<()> {
         let mut cmd = self.command("pg_basebackup");
         cmd.args([
             "-h",
@@ -166,9 +158,7 @@ impl Cluster {
             "\n# standby\nport = {}\nunix_socket_directories = '{}'\n",
             self.port,
             self.dir.display()
-        ))?;
-        self.pg_ctl(&["start", "-w", "-t", "60"], true)?;
-        self.wait_ready()
+        ))
     }
 
     /// Appends `conf` to `postgresql.conf` and reloads the server (for settings that
