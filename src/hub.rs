@@ -43,6 +43,15 @@ const POLL_PAGE: i64 = 100;
 /// holding 19,000 streams writes about 1,200 keep-alives at a time, not all at once.
 pub const KEEP_ALIVE_GROUPS: u64 = 16;
 
+/// With no notification and nothing found by the counter poll for this long (and the
+/// LISTEN session up), the poll slows to [`QUIET_POLL`]: nothing can be waiting for
+/// it, because every statement that does not notify comes within 10 ms (the global
+/// interval) or 50 ms (its job's debounce) of one that did (`sql/0006`), and that one
+/// made the poll fast again.
+const QUIET_AFTER: Duration = Duration::from_secs(2);
+/// The counter poll's interval on a quiet system: a safety net, not the way in.
+const QUIET_POLL: Duration = Duration::from_secs(1);
+
 /// How long a new subscriber waits for the database before getting a 503.
 const SUBSCRIBE_PATIENCE: Duration = Duration::from_secs(15);
 
@@ -105,6 +114,10 @@ struct Inner {
     /// The keep-alive group sent last (see [`Hub::keep_alive`]); written and read under
     /// the map's lock.
     keep_alive_last: AtomicU64,
+    /// When a notification or the counter poll last brought news, in milliseconds
+    /// since `epoch` (see [`QUIET_AFTER`]).
+    last_news_ms: AtomicU64,
+    epoch: Instant,
 }
 
 /// The shared state of one job.
@@ -188,6 +201,8 @@ impl Hub {
                 stop: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 keep_alive_last: AtomicU64::new(KEEP_ALIVE_GROUPS - 1),
+                last_news_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
             }),
         }
     }
@@ -322,6 +337,7 @@ impl Hub {
     /// A notification `job_id:max_seq` (or a sweep, with `i64::MAX`): read the job's
     /// new events unless a read is already running, in which case it reads again.
     pub fn wake(&self, job_id: Uuid, max_seq: i64) {
+        self.saw_news();
         let Some(job) = self.jobs().get(&job_id).cloned() else {
             return;
         };
@@ -459,6 +475,7 @@ impl Hub {
             }
         });
         if !news.is_empty() {
+            self.saw_news();
             self.inner.metrics.table_reads_live.inc();
         }
         for (job, _) in claimed {
@@ -654,10 +671,28 @@ impl Hub {
         self.inner.stop.is_cancelled()
     }
 
+    fn saw_news(&self) {
+        let ms = self.inner.epoch.elapsed().as_millis() as u64;
+        self.inner.last_news_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether nothing came for [`QUIET_AFTER`].
+    fn is_quiet(&self) -> bool {
+        let now = self.inner.epoch.elapsed().as_millis() as u64;
+        let last = self.inner.last_news_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) > QUIET_AFTER.as_millis() as u64
+    }
+
     /// Starts the counter poll: every `interval`, one query delivers what debounced or
-    /// suppressed notifications did not announce. Zero turns it off. It stops with the
-    /// hub.
-    pub fn start_counter_poll(&self, interval: Duration) {
+    /// suppressed notifications did not announce. On a quiet system (no news for
+    /// [`QUIET_AFTER`]) while `listening()` says the LISTEN session is up, it polls only
+    /// every [`QUIET_POLL`]: idle replicas holding thousands of jobs then cost almost
+    /// nothing. Zero turns it off. It stops with the hub.
+    pub fn start_counter_poll(
+        &self,
+        interval: Duration,
+        listening: impl Fn() -> bool + Send + 'static,
+    ) {
         if interval.is_zero() {
             return;
         }
@@ -666,11 +701,16 @@ impl Hub {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
+            let mut last_poll = Instant::now();
             loop {
                 tokio::select! {
                     _ = ticker.tick() => {}
                     _ = hub.inner.stop.cancelled() => return,
                 }
+                if hub.is_quiet() && listening() && last_poll.elapsed() < QUIET_POLL {
+                    continue;
+                }
+                last_poll = Instant::now();
                 match hub.poll_counters().await {
                     Ok(()) => failing = false,
                     Err(e) => {

@@ -200,7 +200,8 @@ pub async fn run(
         config.keep_alive,
         stop.clone(),
     ));
-    hub.start_counter_poll(config.counter_poll);
+    let listening = ready.clone();
+    hub.start_counter_poll(config.counter_poll, move || listening.is_up());
 
     let app = Arc::new(App::new(
         config.clone(),
