@@ -127,6 +127,15 @@ impl Cluster {
                 return Err(io::Error::other("the server is still running"));
             }
         }
+        // The killed server's socket lock names its pid; while that pid is a zombie not
+        // yet reaped (a loaded machine), a new server takes the lock for held and
+        // refuses to start. The server is gone, so its socket and lock are stale.
+        for stale in [
+            format!(".s.PGSQL.{}.lock", self.port),
+            format!(".s.PGSQL.{}", self.port),
+        ] {
+            remove_if_there(&self.dir.join(stale))?;
+        }
         match std::fs::remove_dir_all(self.data()) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -387,6 +396,13 @@ fn find_bin_dir() -> io::Result<PathBuf> {
 
 /// A process that has exited but not been reaped (a killed postmaster whose parent,
 /// `pg_ctl`'s shell, is gone, until init reaps it).
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
