@@ -317,6 +317,13 @@ async fn failover(ctx: &Context) -> Result<String, String> {
         Ok(ready)
     };
     let (rebuilt, ready) = tokio::join!(rebuild, gateways);
+    if rebuilt.is_err() {
+        // With no standby every commit would wait for one forever, and the soak would
+        // hang instead of finishing and reporting this failure: let writes through.
+        let n = new.clone();
+        let _ = tokio::task::spawn_blocking(move || n.configure("synchronous_standby_names = ''"))
+            .await;
+    }
     let (rebuilt, ready) = (rebuilt?, ready?);
     let ready = ready.into_iter().max().unwrap_or_default();
     ctx.failover_ready
