@@ -28,6 +28,9 @@ pub struct Tracker {
     floor: i64,
     /// Bit `seq - floor - 1` is set once `seq` was received.
     seen: Vec<u64>,
+    /// `content_hash` of `seq` at index `seq - floor - 1` (0 until received): what a
+    /// `reset` takes back out of `hash`.
+    hashes: Vec<u64>,
     pub max_seq: i64,
     /// The `id:` of the last message received: what a browser sends on reconnect.
     pub last_id: Option<i64>,
@@ -38,6 +41,10 @@ pub struct Tracker {
     pub corrupt: u64,
     /// `event: reset` frames (history went back; never, with synchronous replication).
     pub resets: u64,
+    /// `reset` frames that came before any asynchronous failover (a failure).
+    pub unexpected_resets: u64,
+    /// Events a `reset` took back (held above its `lastSeq`).
+    pub reset_dropped: u64,
     /// Wrapping sum of `content_hash` over the seqs received (first time only).
     pub hash: u64,
     pub end: Option<End>,
@@ -49,6 +56,7 @@ impl Tracker {
         Tracker {
             floor,
             seen: Vec::new(),
+            hashes: Vec::new(),
             max_seq: floor,
             last_id: (floor > 0).then_some(floor),
             received: 0,
@@ -56,6 +64,8 @@ impl Tracker {
             reordered: 0,
             corrupt: 0,
             resets: 0,
+            unexpected_resets: 0,
+            reset_dropped: 0,
             hash: 0,
             end: None,
         }
@@ -78,12 +88,52 @@ impl Tracker {
             self.seen.resize(bit / 64 + 1, 0);
         }
         self.seen[bit / 64] |= 1 << (bit % 64);
+        if self.hashes.len() <= bit {
+            self.hashes.resize(bit + 1, 0);
+        }
+        self.hashes[bit] = hash;
         if seq < self.max_seq {
             self.reordered += 1;
         }
         self.max_seq = self.max_seq.max(seq);
         self.hash = self.hash.wrapping_add(hash);
         true
+    }
+
+    /// `event: reset` `{"lastSeq": n}`: what this client holds above `n` is not the
+    /// job's history; it is dropped (as the dashboard reloads) and the client goes on
+    /// from `n`, so what comes next is new, not a duplicate. Returns how many events
+    /// were dropped.
+    pub fn reset(&mut self, n: i64) -> u64 {
+        self.resets += 1;
+        let n = n.max(0);
+        let mut dropped = 0;
+        if n < self.floor {
+            // Even what it had before it started is gone: it starts over from `n`.
+            dropped = self.received_count();
+            self.seen.clear();
+            self.hashes.clear();
+            self.hash = 0;
+            self.floor = n;
+        } else {
+            let keep = (n - self.floor) as usize;
+            for bit in keep..self.hashes.len() {
+                if self.seen[bit / 64] & (1 << (bit % 64)) != 0 {
+                    self.seen[bit / 64] &= !(1 << (bit % 64));
+                    self.hash = self.hash.wrapping_sub(self.hashes[bit]);
+                    dropped += 1;
+                }
+            }
+            self.hashes.truncate(keep);
+        }
+        self.max_seq = n;
+        self.last_id = (n > 0).then_some(n);
+        self.reset_dropped += dropped;
+        dropped
+    }
+
+    fn received_count(&self) -> u64 {
+        self.seen.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
     pub fn is_seen(&self, seq: i64) -> bool {
@@ -144,5 +194,37 @@ mod tests {
         b.record(10, 0);
         b.record(11, 0);
         assert_eq!((b.duplicated, b.lost(12)), (1, 1));
+    }
+
+    #[test]
+    fn a_reset_drops_what_is_above_and_goes_on_from_there() {
+        let mut t = Tracker::new(0);
+        for s in 1..=5 {
+            t.record(s, content_hash(s, "old"));
+        }
+        assert_eq!(t.reset(3), 2);
+        assert_eq!(
+            (t.max_seq, t.last_id, t.lost(3), t.phantom(3)),
+            (3, Some(3), 0, 0)
+        );
+        for s in 4..=6 {
+            assert!(
+                t.record(s, content_hash(s, "new")),
+                "seq {s} is new after the reset"
+            );
+        }
+        let want = (1..=3)
+            .map(|s| content_hash(s, "old"))
+            .chain((4..=6).map(|s| content_hash(s, "new")));
+        assert_eq!(t.hash, want.fold(0u64, u64::wrapping_add));
+        assert_eq!(
+            (t.duplicated, t.reordered, t.resets, t.reset_dropped),
+            (0, 0, 1, 2)
+        );
+        // Below the floor of a resuming client: it starts over from there.
+        let mut b = Tracker::new(10);
+        b.record(11, 7);
+        assert_eq!(b.reset(8), 1);
+        assert_eq!((b.floor(), b.hash, b.lost(8), b.lost(9)), (8, 0, 0, 1));
     }
 }

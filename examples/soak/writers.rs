@@ -38,6 +38,9 @@ pub struct Acked {
     pub checked: u64,
     /// Not in the table, or there with other content.
     pub missing: u64,
+    /// Missing too, but acknowledged while replication was asynchronous before a
+    /// failover (`pg_failover_async`): lost by design, counted, not a failure.
+    pub lost_async: u64,
 }
 
 impl Commits {
@@ -64,8 +67,13 @@ impl Commits {
     }
 
     /// Compares every acknowledged event with `table(job, seq)`, the content hash of
-    /// that seq in the final table.
-    pub fn check(&self, table: impl Fn(Uuid, i64) -> Option<u64>) -> Acked {
+    /// that seq in the final table; `may_lose(µs)` tells whether an acknowledgement at
+    /// that time could be lost (inside an asynchronous failover's window).
+    pub fn check(
+        &self,
+        table: impl Fn(Uuid, i64) -> Option<u64>,
+        may_lose: impl Fn(u64) -> bool,
+    ) -> Acked {
         let mut acked = Acked::default();
         for (&job, log) in &self.jobs {
             let log = log.lock().expect("commit log lock");
@@ -75,7 +83,11 @@ impl Commits {
                 }
                 acked.checked += 1;
                 if table(job, seq as i64) != Some(hash) {
-                    acked.missing += 1;
+                    if may_lose(us) {
+                        acked.lost_async += 1;
+                    } else {
+                        acked.missing += 1;
+                    }
                 }
             }
         }
