@@ -831,6 +831,25 @@ impl Report {
                 let expected = job.prefix[high as usize].wrapping_sub(job.prefix[floor]);
                 if expected != t.hash {
                     v.content_mismatch += 1;
+                    let (first, n) = t.differing(|s| {
+                        let s = usize::try_from(s)
+                            .ok()
+                            .filter(|&s| s >= 1 && s < job.prefix.len())?;
+                        Some(job.prefix[s].wrapping_sub(job.prefix[s - 1]))
+                    });
+                    eprintln!(
+                        "soak: content differs from the table: {} client of job {}, {n} seqs from \
+                         {first:?} on (table last seq {}), {} resets, max seq {}",
+                        if outcome.spec.index.is_some() {
+                            "persistent"
+                        } else {
+                            "burst"
+                        },
+                        outcome.spec.job,
+                        job.last_seq,
+                        t.resets,
+                        t.max_seq
+                    );
                 }
             }
             if let Some(End::Frame { status, last_seq }) = &t.end {

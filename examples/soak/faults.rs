@@ -345,10 +345,25 @@ async fn failover(ctx: &Context, asynchronous: bool) -> Result<String, String> {
     // wait for that; reads and streams do not).
     let (o, n) = (old.clone(), new.clone());
     let rebuild = async {
-        tokio::task::spawn_blocking(move || o.rebuild_as_standby_of(&n))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("rebuild the standby: {e}"))?;
+        // Up to three tries: on this loaded machine the rebuilt server's first start
+        // has failed once (its log went with the cluster), the next one starts.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let (o, n) = (o.clone(), n.clone());
+            match tokio::task::spawn_blocking(move || o.rebuild_as_standby_of(&n))
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Ok(()) => break,
+                Err(e) if tries < 3 => {
+                    let t = ctx.elapsed();
+                    eprintln!("[{t:6.1}s] rebuild of the standby failed, again in 1 s: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(format!("rebuild the standby ({tries} tries): {e}")),
+            }
+        }
         Ok::<_, String>(began.elapsed())
     };
     let gateways = async {

@@ -132,6 +132,21 @@ impl Tracker {
         dropped
     }
 
+    /// The first seq whose content differs from `table(seq)` (its content hash), and
+    /// how many differ: where a view went wrong.
+    pub fn differing(&self, table: impl Fn(i64) -> Option<u64>) -> (Option<i64>, u64) {
+        let mut first = None;
+        let mut n = 0;
+        for (bit, &hash) in self.hashes.iter().enumerate() {
+            let seq = self.floor + 1 + bit as i64;
+            if self.is_seen(seq) && table(seq) != Some(hash) {
+                first = first.or(Some(seq));
+                n += 1;
+            }
+        }
+        (first, n)
+    }
+
     fn received_count(&self) -> u64 {
         self.seen.iter().map(|w| u64::from(w.count_ones())).sum()
     }

@@ -30,6 +30,9 @@ const INSERT_MANY_JOBS: &str = "INSERT INTO agent_job_events (job_id, level, mes
 pub struct Commits {
     /// `(µs, content hash)` by seq. A std Mutex: nothing awaits while it is held.
     jobs: HashMap<Uuid, Mutex<Vec<(u64, u64)>>>,
+    /// Acknowledgements whose seq a later acknowledged write took again: at most one
+    /// of the two can be in the table, so each of these is an acknowledged write lost.
+    superseded: Mutex<Vec<u64>>,
 }
 
 /// Acknowledged events checked against the final table.
@@ -47,6 +50,7 @@ impl Commits {
     pub fn new(jobs: &[Uuid]) -> Commits {
         Commits {
             jobs: jobs.iter().map(|&j| (j, Mutex::new(Vec::new()))).collect(),
+            superseded: Mutex::new(Vec::new()),
         }
     }
 
@@ -61,7 +65,12 @@ impl Commits {
                 if log.len() <= i {
                     log.resize(i + 1, (0, 0));
                 }
-                log[i] = (us, crate::track::content_hash(seq, message));
+                let hash = crate::track::content_hash(seq, message);
+                let (before, old) = log[i];
+                if before != 0 && old != hash {
+                    self.superseded.lock().expect("lock").push(before);
+                }
+                log[i] = (us, hash);
             }
         }
     }
@@ -89,6 +98,14 @@ impl Commits {
                         acked.missing += 1;
                     }
                 }
+            }
+        }
+        for &us in self.superseded.lock().expect("lock").iter() {
+            acked.checked += 1;
+            if may_lose(us) {
+                acked.lost_async += 1;
+            } else {
+                acked.missing += 1;
             }
         }
         acked
