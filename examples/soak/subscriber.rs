@@ -179,6 +179,7 @@ pub async fn run(spec: Spec, shared: Arc<Shared>) -> Outcome {
         pending: Vec::new(),
         events: 0,
         held: None,
+        reload: false,
         shared,
         spec,
     };
@@ -210,6 +211,8 @@ struct Client {
     /// Events received so far, and one held back (sabotage only).
     events: u64,
     held: Option<(i64, u64)>,
+    /// A `reset` came: reconnect from the tracker's floor (the dashboard's reload).
+    reload: bool,
 }
 
 enum Closed {
@@ -302,6 +305,9 @@ impl Client {
         loop {
             while let Some(message) = body.next_message() {
                 self.handle(message, opened_us, stalled);
+                if std::mem::take(&mut self.reload) {
+                    return Closed::Reconnect;
+                }
                 if self.is_complete() {
                     self.resolve();
                     return Closed::Finished;
@@ -332,6 +338,9 @@ impl Client {
                         // Parse what came with the last read before reconnecting.
                         while let Some(message) = body.next_message() {
                             self.handle(message, opened_us, stalled);
+                            if std::mem::take(&mut self.reload) {
+                                return Closed::Reconnect;
+                            }
                         }
                         return if self.is_complete() { Closed::Finished } else { Closed::Reconnect };
                     }
@@ -454,6 +463,7 @@ impl Client {
                 match serde_json::from_str::<ResetData>(&message.data) {
                     Ok(reset) => {
                         self.tracker.reset(reset.last_seq);
+                        self.reload = true;
                         if !allowed {
                             self.tracker.unexpected_resets += 1;
                         }

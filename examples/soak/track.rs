@@ -100,34 +100,20 @@ impl Tracker {
         true
     }
 
-    /// `event: reset` `{"lastSeq": n}`: what this client holds above `n` is not the
-    /// job's history; it is dropped (as the dashboard reloads) and the client goes on
-    /// from `n`, so what comes next is new, not a duplicate. Returns how many events
-    /// were dropped.
+    /// `event: reset` `{"lastSeq": n}`: what this client holds is not the job's
+    /// history. Like the dashboard it reloads: everything it holds is dropped and it
+    /// reads again from its floor (from the start, or from `n` if the history is now
+    /// shorter than what it had before it started), so the content of every seq it ends
+    /// with comes from the new history. Returns how many events were dropped.
     pub fn reset(&mut self, n: i64) -> u64 {
         self.resets += 1;
-        let n = n.max(0);
-        let mut dropped = 0;
-        if n < self.floor {
-            // Even what it had before it started is gone: it starts over from `n`.
-            dropped = self.received_count();
-            self.seen.clear();
-            self.hashes.clear();
-            self.hash = 0;
-            self.floor = n;
-        } else {
-            let keep = (n - self.floor) as usize;
-            for bit in keep..self.hashes.len() {
-                if self.seen[bit / 64] & (1 << (bit % 64)) != 0 {
-                    self.seen[bit / 64] &= !(1 << (bit % 64));
-                    self.hash = self.hash.wrapping_sub(self.hashes[bit]);
-                    dropped += 1;
-                }
-            }
-            self.hashes.truncate(keep);
-        }
-        self.max_seq = n;
-        self.last_id = (n > 0).then_some(n);
+        let dropped = self.received_count();
+        self.seen.clear();
+        self.hashes.clear();
+        self.hash = 0;
+        self.floor = self.floor.min(n.max(0));
+        self.max_seq = self.floor;
+        self.last_id = (self.floor > 0).then_some(self.floor);
         self.reset_dropped += dropped;
         dropped
     }
@@ -212,29 +198,24 @@ mod tests {
     }
 
     #[test]
-    fn a_reset_drops_what_is_above_and_goes_on_from_there() {
+    fn a_reset_reloads_from_the_floor() {
         let mut t = Tracker::new(0);
         for s in 1..=5 {
             t.record(s, content_hash(s, "old"));
         }
-        assert_eq!(t.reset(3), 2);
-        assert_eq!(
-            (t.max_seq, t.last_id, t.lost(3), t.phantom(3)),
-            (3, Some(3), 0, 0)
-        );
-        for s in 4..=6 {
+        assert_eq!(t.reset(3), 5);
+        assert_eq!((t.max_seq, t.last_id, t.lost(3)), (0, None, 3));
+        for s in 1..=6 {
             assert!(
                 t.record(s, content_hash(s, "new")),
                 "seq {s} is new after the reset"
             );
         }
-        let want = (1..=3)
-            .map(|s| content_hash(s, "old"))
-            .chain((4..=6).map(|s| content_hash(s, "new")));
+        let want = (1..=6).map(|s| content_hash(s, "new"));
         assert_eq!(t.hash, want.fold(0u64, u64::wrapping_add));
         assert_eq!(
             (t.duplicated, t.reordered, t.resets, t.reset_dropped),
-            (0, 0, 1, 2)
+            (0, 0, 1, 5)
         );
         // Below the floor of a resuming client: it starts over from there.
         let mut b = Tracker::new(10);
