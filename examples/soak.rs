@@ -14,9 +14,13 @@
 //! job is finished, every subscriber reads to `end`, and what each received is compared
 //! with the table. One JSON line and a Markdown table go to stdout; the exit status is
 //! non-zero if anything was lost, duplicated, reordered or corrupted, if an event a
-//! writer saw acknowledged is not in the final table as written, if a subscriber got
-//! `event: reset` (with synchronous replication history never goes back), if a
-//! subscriber never reached its end, or if a fault kind was never injected.
+//! writer saw acknowledged is not in the final table as written (except what was
+//! acknowledged while `pg_failover_async` had made replication asynchronous: that is
+//! counted), if a subscriber got `event: reset` before any asynchronous failover (with
+//! synchronous replication history never goes back), if a subscriber never reached
+//! its end, or if a fault kind was never injected. A subscriber that gets `reset`
+//! `{"lastSeq": N}` drops what it holds above N and goes on from N, so its final view
+//! must still equal the table exactly.
 //!
 //! # Layout
 //!
@@ -271,6 +275,9 @@ async fn soak(args: Args) -> Result<bool, String> {
         refused: AtomicU64::new(0),
         not_found: AtomicU64::new(0),
         silent: AtomicU64::new(0),
+        async_failover_since: AtomicU64::new(u64::MAX),
+        last_fault: std::sync::Mutex::new("none"),
+        resets: Default::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -365,6 +372,8 @@ async fn soak(args: Args) -> Result<bool, String> {
         relays,
         noticed: Default::default(),
         failover_ready: Default::default(),
+        async_windows: Default::default(),
+        async_lost: Default::default(),
     });
     let fault_task = tokio::spawn(faults::run(ctx.clone(), plan, stop_rx.clone()));
 
@@ -484,15 +493,22 @@ async fn soak(args: Args) -> Result<bool, String> {
     };
     let injected = ctx.injected.lock().expect("lock").clone();
     let failed = ctx.failed.lock().expect("lock").clone();
-    let acked = commits.check(|job, seq| {
-        let t = truth.get(&job)?;
-        let s = usize::try_from(seq)
-            .ok()
-            .filter(|&s| s >= 1 && s < t.prefix.len())?;
-        Some(t.prefix[s].wrapping_sub(t.prefix[s - 1]))
-    });
+    let windows = ctx.async_windows.lock().expect("lock").clone();
+    let acked = commits.check(
+        |job, seq| {
+            let t = truth.get(&job)?;
+            let s = usize::try_from(seq)
+                .ok()
+                .filter(|&s| s >= 1 && s < t.prefix.len())?;
+            Some(t.prefix[s].wrapping_sub(t.prefix[s - 1]))
+        },
+        |us| windows.iter().any(|&(from, to)| us >= from && us <= to),
+    );
+    let resets_by_fault = shared.resets.lock().expect("lock").clone();
     let figures = Figures {
         acked,
+        async_lost: ctx.async_lost.lock().expect("lock").clone(),
+        resets_by_fault,
         noticed: ctx.noticed.lock().expect("lock").clone(),
         failover_ready: ctx.failover_ready.lock().expect("lock").clone(),
     };
@@ -568,6 +584,11 @@ fn multi_host(ports: [u16; 2]) -> String {
 /// Figures of the failover and blackhole faults, and the check of acknowledged writes.
 struct Figures {
     acked: writers::Acked,
+    /// Per asynchronous failover: events the old primary had and the new one did not.
+    async_lost: Vec<i64>,
+    /// `reset` frames by the fault that started last before them, and whether an
+    /// asynchronous failover had begun by then.
+    resets_by_fault: BTreeMap<(&'static str, bool), u64>,
     /// Seconds to notice each silenced LISTEN session.
     noticed: Vec<f64>,
     /// Seconds from each `kill -9` of the primary to both gateways ready.
@@ -744,6 +765,12 @@ struct Verdict {
     incomplete: u64,
     delivered: u64,
     resets: u64,
+    /// Resets before any asynchronous failover: history went back when it must not.
+    unexpected_resets: u64,
+    /// Events resets took back from clients.
+    reset_dropped: u64,
+    /// Clients that got at least one reset.
+    reset_clients: u64,
 }
 
 impl Report {
@@ -792,6 +819,9 @@ impl Report {
             v.reordered += t.reordered;
             v.corrupt += t.corrupt;
             v.resets += t.resets;
+            v.unexpected_resets += t.unexpected_resets;
+            v.reset_dropped += t.reset_dropped;
+            v.reset_clients += u64::from(t.resets > 0);
             v.delivered += t.received;
             if !outcome.complete {
                 v.incomplete += 1;
@@ -801,6 +831,25 @@ impl Report {
                 let expected = job.prefix[high as usize].wrapping_sub(job.prefix[floor]);
                 if expected != t.hash {
                     v.content_mismatch += 1;
+                    let (first, n) = t.differing(|s| {
+                        let s = usize::try_from(s)
+                            .ok()
+                            .filter(|&s| s >= 1 && s < job.prefix.len())?;
+                        Some(job.prefix[s].wrapping_sub(job.prefix[s - 1]))
+                    });
+                    eprintln!(
+                        "soak: content differs from the table: {} client of job {}, {n} seqs from \
+                         {first:?} on (table last seq {}), {} resets, max seq {}",
+                        if outcome.spec.index.is_some() {
+                            "persistent"
+                        } else {
+                            "burst"
+                        },
+                        outcome.spec.job,
+                        job.last_seq,
+                        t.resets,
+                        t.max_seq
+                    );
                 }
             }
             if let Some(End::Frame { status, last_seq }) = &t.end {
@@ -828,7 +877,7 @@ impl Report {
             && v.wrong_end == 0
             && v.incomplete == 0
             && table_gaps == 0
-            && v.resets == 0
+            && v.unexpected_resets == 0
             && figures.acked.missing == 0
             && missing_kinds.is_empty()
             && failed.is_empty();
@@ -849,6 +898,24 @@ impl Report {
             })
             .collect();
         let args = &run.args;
+        let reset_key = |&(fault, allowed): &(&str, bool)| {
+            if allowed {
+                fault.to_string()
+            } else {
+                format!("{fault} (before any async failover)")
+            }
+        };
+        let resets_json: serde_json::Map<String, serde_json::Value> = figures
+            .resets_by_fault
+            .iter()
+            .map(|(k, n)| (reset_key(k), json!(n)))
+            .collect();
+        let resets_text = figures
+            .resets_by_fault
+            .iter()
+            .map(|(k, n)| format!("{}: {n}", reset_key(k)))
+            .collect::<Vec<_>>()
+            .join(", ");
         let json = json!({
             "soak": "eventgate",
             "ok": ok,
@@ -878,8 +945,14 @@ impl Report {
             "max_gateway_rss_kib": max_rss_kib,
             "connections": shared.connections.load(Ordering::Relaxed),
             "resets": v.resets,
+            "resets_unexpected": v.unexpected_resets,
+            "resets_by_fault": resets_json,
+            "reset_clients": v.reset_clients,
+            "reset_dropped_events": v.reset_dropped,
             "acknowledged_sql_events": figures.acked.checked,
             "acknowledged_missing_or_changed": figures.acked.missing,
+            "acknowledged_lost_in_async_failover": figures.acked.lost_async,
+            "async_failover_events_lost": figures.async_lost,
             "blackhole_noticed_s": figures.noticed,
             "failover_gateways_ready_s": figures.failover_ready,
             "lag_resyncs": counters.lag_resyncs,
@@ -987,7 +1060,30 @@ impl Report {
             "acknowledged SQL events missing or changed in the final table",
             format!("{} of {}", figures.acked.missing, figures.acked.checked),
         );
-        row("`event: reset` received", v.resets.to_string());
+        row(
+            "acknowledged SQL events lost in asynchronous failovers (allowed)",
+            figures.acked.lost_async.to_string(),
+        );
+        row(
+            "pg_failover_async: events the old primary had and the promoted one not",
+            format!("{:?}", figures.async_lost),
+        );
+        row(
+            "`event: reset` received (clients / events taken back)",
+            format!("{} ({} / {})", v.resets, v.reset_clients, v.reset_dropped),
+        );
+        row(
+            "`event: reset` by the fault started last before it",
+            if resets_text.is_empty() {
+                "none".into()
+            } else {
+                resets_text
+            },
+        );
+        row(
+            "**`event: reset` before any asynchronous failover**",
+            v.unexpected_resets.to_string(),
+        );
         let (median, max) = median_max(&figures.noticed);
         row(
             "blackhole: silent LISTEN noticed after, median / max",

@@ -32,11 +32,12 @@ pub enum Kind {
     SubscriberStall,
     ReconnectBurst,
     PgFailover,
+    PgFailoverAsync,
     Blackhole,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::ListenerKill,
         Kind::PoolKill,
         Kind::PgRestart,
@@ -44,6 +45,7 @@ impl Kind {
         Kind::SubscriberStall,
         Kind::ReconnectBurst,
         Kind::PgFailover,
+        Kind::PgFailoverAsync,
         Kind::Blackhole,
     ];
 
@@ -56,6 +58,7 @@ impl Kind {
             Kind::SubscriberStall => "subscriber_stall",
             Kind::ReconnectBurst => "reconnect_burst",
             Kind::PgFailover => "pg_failover",
+            Kind::PgFailoverAsync => "pg_failover_async",
             Kind::Blackhole => "blackhole",
         }
     }
@@ -130,6 +133,12 @@ pub struct Context {
     /// Seconds from `kill -9` of the primary until both gateways were ready again, per
     /// failover.
     pub failover_ready: Mutex<Vec<f64>>,
+    /// Per asynchronous failover, µs since the epoch: from replication turned
+    /// asynchronous to the promote done. Only an acknowledgement inside one may be lost.
+    pub async_windows: Mutex<Vec<(u64, u64)>>,
+    /// Per asynchronous failover: events (all jobs) the old primary had and the
+    /// promoted standby did not, as counted on both just before and after.
+    pub async_lost: Mutex<Vec<i64>>,
 }
 
 impl Context {
@@ -154,6 +163,7 @@ pub async fn run(
         }
         let ctx = ctx.clone();
         tasks.push(tokio::spawn(async move {
+            *ctx.shared.last_fault.lock().expect("lock") = kind.name();
             let t = ctx.elapsed();
             let result = inject(&ctx, kind, i as u64).await;
             match result {
@@ -254,7 +264,8 @@ async fn inject(ctx: &Context, kind: Kind, nth: u64) -> Result<String, String> {
             ))
         }
         Kind::ReconnectBurst => burst(ctx, nth).await,
-        Kind::PgFailover => failover(ctx).await,
+        Kind::PgFailover => failover(ctx, false).await,
+        Kind::PgFailoverAsync => failover(ctx, true).await,
         Kind::Blackhole => blackhole(ctx).await,
     }
 }
@@ -263,9 +274,35 @@ async fn inject(ctx: &Context, kind: Kind, nth: u64) -> Result<String, String> {
 /// primary rebuilt as the new one's standby. While no standby is attached, commits
 /// wait (`synchronous_standby_names = '*'`): nothing is acknowledged that only one
 /// server has.
-async fn failover(ctx: &Context) -> Result<String, String> {
+///
+/// `asynchronous`: first the primary stops waiting for the standby
+/// (`synchronous_standby_names = ''`) and the standby is stopped for `ASYNC_LAG`, so
+/// the primary acknowledges commits the standby never gets; then the same `kill -9`,
+/// the standby started again and promoted without them, and synchronous replication
+/// restored on it. Writers saw those commits acknowledged; the gateways must send
+/// `reset` to whoever saw them.
+async fn failover(ctx: &Context, asynchronous: bool) -> Result<String, String> {
     let mut pair = ctx.pair.lock().await;
     let (old, new) = (pair.primary(), pair.standby());
+    let mut lost = None;
+    let mut window_from = 0;
+    if asynchronous {
+        ctx.shared.async_failover_since.fetch_min(
+            ctx.shared.start.elapsed().as_millis() as u64,
+            Ordering::SeqCst,
+        );
+        window_from = crate::subscriber::now_us();
+        let (o, n) = (old.clone(), new.clone());
+        tokio::task::spawn_blocking(move || {
+            o.configure("synchronous_standby_names = ''")?;
+            n.stop()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("asynchronous, standby stopped: {e}"))?;
+        tokio::time::sleep(ASYNC_LAG).await;
+        lost = Some(events_on(&old.url()).await?);
+    }
     // Ready again means: a new LISTEN session (the old one died with the primary).
     let mut reconnects = Vec::new();
     for &addr in &ctx.shared.replicas {
@@ -275,22 +312,58 @@ async fn failover(ctx: &Context) -> Result<String, String> {
     let (o, n) = (old.clone(), new.clone());
     tokio::task::spawn_blocking(move || {
         o.kill9()?;
-        n.promote()
+        if asynchronous {
+            n.resume()?;
+        }
+        n.promote()?;
+        // The promoted standby waits for a standby again (it has the setting from
+        // its base backup; said again so it holds whatever the old primary had).
+        n.configure("synchronous_standby_names = '*'")
     })
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("kill -9 and promote: {e}"))?;
     let promoted = began.elapsed();
+    let mut lost_note = String::new();
+    if let Some(before) = lost {
+        ctx.async_windows
+            .lock()
+            .expect("lock")
+            .push((window_from, crate::subscriber::now_us()));
+        let after = events_on(&new.url()).await?;
+        let n = (before - after).max(0);
+        ctx.async_lost.lock().expect("lock").push(n);
+        lost_note = format!(
+            " (asynchronous, standby stopped {:.1}s: the old primary had {before} events, \
+             the promoted standby {after}: at least {n} lost)",
+            ASYNC_LAG.as_secs_f64()
+        );
+    }
     pair.primary = 1 - pair.primary;
     pair.failovers += 1;
     // The gateways find the new primary while the new standby is being made (commits
     // wait for that; reads and streams do not).
     let (o, n) = (old.clone(), new.clone());
     let rebuild = async {
-        tokio::task::spawn_blocking(move || o.rebuild_as_standby_of(&n))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("rebuild the standby: {e}"))?;
+        // Up to three tries: on this loaded machine the rebuilt server's first start
+        // has failed once (its log went with the cluster), the next one starts.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let (o, n) = (o.clone(), n.clone());
+            match tokio::task::spawn_blocking(move || o.rebuild_as_standby_of(&n))
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Ok(()) => break,
+                Err(e) if tries < 3 => {
+                    let t = ctx.elapsed();
+                    eprintln!("[{t:6.1}s] rebuild of the standby failed, again in 1 s: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(format!("rebuild the standby ({tries} tries): {e}")),
+            }
+        }
         Ok::<_, String>(began.elapsed())
     };
     let gateways = async {
@@ -332,7 +405,7 @@ async fn failover(ctx: &Context) -> Result<String, String> {
         .push(ready.as_secs_f64());
     Ok(format!(
         "kill -9 primary :{}, promoted :{} in {:.1}s, new standby :{} in {:.1}s, \
-         gateways ready {:.1}s after the kill",
+         gateways ready {:.1}s after the kill{lost_note}",
         old.port(),
         new.port(),
         promoted.as_secs_f64(),
@@ -340,6 +413,25 @@ async fn failover(ctx: &Context) -> Result<String, String> {
         rebuilt.as_secs_f64(),
         ready.as_secs_f64()
     ))
+}
+
+/// How long an asynchronous failover keeps the standby stopped before the `kill -9`:
+/// what the primary acknowledges meanwhile is lost.
+const ASYNC_LAG: Duration = Duration::from_millis(1_500);
+
+/// Events of all jobs on one server (`sum(last_seq)`), on a direct connection.
+async fn events_on(url: &str) -> Result<i64, String> {
+    let client = writers::connect(url, "soak-admin")
+        .await
+        .map_err(|e| format!("connect {url}: {e}"))?;
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(last_seq), 0)::bigint FROM agent_jobs",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("count events: {e}"))?;
+    Ok(row.get(0))
 }
 
 /// Silences replica `b`'s LISTEN session in its relay (no close) and measures how long

@@ -42,6 +42,14 @@ pub struct Shared {
     pub refused: AtomicU64,
     pub not_found: AtomicU64,
     pub silent: AtomicU64,
+    /// Ms after `start` when the first asynchronous failover began (`u64::MAX`: none
+    /// yet). Only after it may history go back: a `reset` before it fails the run.
+    pub async_failover_since: AtomicU64,
+    /// The fault that started last: what a `reset` is counted against.
+    pub last_fault: std::sync::Mutex<&'static str>,
+    /// `reset` frames by the fault that started last before them, and whether an
+    /// asynchronous failover had begun: `(fault, allowed) -> count`.
+    pub resets: std::sync::Mutex<std::collections::BTreeMap<(&'static str, bool), u64>>,
 }
 
 impl Shared {
@@ -53,6 +61,11 @@ impl Shared {
     pub fn stall(&self, index: usize, how_long: Duration) {
         let until = self.ms() + how_long.as_millis() as u64;
         self.stall_until[index].store(until, Ordering::Relaxed);
+    }
+
+    /// Whether a `reset` received now is explained by an asynchronous failover.
+    fn reset_allowed(&self) -> bool {
+        self.ms() >= self.async_failover_since.load(Ordering::SeqCst)
     }
 
     fn stalled_for(&self, index: Option<usize>) -> Option<Duration> {
@@ -124,6 +137,12 @@ struct EventData {
 }
 
 #[derive(Deserialize)]
+struct ResetData {
+    #[serde(rename = "lastSeq")]
+    last_seq: i64,
+}
+
+#[derive(Deserialize)]
 struct EndData {
     status: String,
     #[serde(rename = "lastSeq")]
@@ -160,6 +179,7 @@ pub async fn run(spec: Spec, shared: Arc<Shared>) -> Outcome {
         pending: Vec::new(),
         events: 0,
         held: None,
+        reload: false,
         shared,
         spec,
     };
@@ -191,6 +211,8 @@ struct Client {
     /// Events received so far, and one held back (sabotage only).
     events: u64,
     held: Option<(i64, u64)>,
+    /// A `reset` came: reconnect from the tracker's floor (the dashboard's reload).
+    reload: bool,
 }
 
 enum Closed {
@@ -283,6 +305,9 @@ impl Client {
         loop {
             while let Some(message) = body.next_message() {
                 self.handle(message, opened_us, stalled);
+                if std::mem::take(&mut self.reload) {
+                    return Closed::Reconnect;
+                }
                 if self.is_complete() {
                     self.resolve();
                     return Closed::Finished;
@@ -313,6 +338,9 @@ impl Client {
                         // Parse what came with the last read before reconnecting.
                         while let Some(message) = body.next_message() {
                             self.handle(message, opened_us, stalled);
+                            if std::mem::take(&mut self.reload) {
+                                return Closed::Reconnect;
+                            }
                         }
                         return if self.is_complete() { Closed::Finished } else { Closed::Reconnect };
                     }
@@ -422,7 +450,31 @@ impl Client {
                     let _ = self.worker_latency.record(us.min(3_600_000_000));
                 }
             }
-            "reset" => self.tracker.resets += 1,
+            "reset" => {
+                let allowed = self.shared.reset_allowed();
+                let fault = *self.shared.last_fault.lock().expect("lock");
+                *self
+                    .shared
+                    .resets
+                    .lock()
+                    .expect("lock")
+                    .entry((fault, allowed))
+                    .or_default() += 1;
+                match serde_json::from_str::<ResetData>(&message.data) {
+                    Ok(reset) => {
+                        self.tracker.reset(reset.last_seq);
+                        self.reload = true;
+                        if !allowed {
+                            self.tracker.unexpected_resets += 1;
+                        }
+                        // A burst client's window ends where the history now does.
+                        if let Some(target) = &mut self.spec.target {
+                            *target = (*target).min(reset.last_seq.max(self.tracker.floor()));
+                        }
+                    }
+                    Err(_) => self.tracker.corrupt += 1,
+                }
+            }
             "end" => {
                 if let Ok(end) = serde_json::from_str::<EndData>(&message.data) {
                     self.tracker.end = Some(End::Frame {

@@ -28,6 +28,9 @@ pub struct Tracker {
     floor: i64,
     /// Bit `seq - floor - 1` is set once `seq` was received.
     seen: Vec<u64>,
+    /// `content_hash` of `seq` at index `seq - floor - 1` (0 until received): what a
+    /// `reset` takes back out of `hash`.
+    hashes: Vec<u64>,
     pub max_seq: i64,
     /// The `id:` of the last message received: what a browser sends on reconnect.
     pub last_id: Option<i64>,
@@ -38,6 +41,10 @@ pub struct Tracker {
     pub corrupt: u64,
     /// `event: reset` frames (history went back; never, with synchronous replication).
     pub resets: u64,
+    /// `reset` frames that came before any asynchronous failover (a failure).
+    pub unexpected_resets: u64,
+    /// Events a `reset` took back (held above its `lastSeq`).
+    pub reset_dropped: u64,
     /// Wrapping sum of `content_hash` over the seqs received (first time only).
     pub hash: u64,
     pub end: Option<End>,
@@ -49,6 +56,7 @@ impl Tracker {
         Tracker {
             floor,
             seen: Vec::new(),
+            hashes: Vec::new(),
             max_seq: floor,
             last_id: (floor > 0).then_some(floor),
             received: 0,
@@ -56,6 +64,8 @@ impl Tracker {
             reordered: 0,
             corrupt: 0,
             resets: 0,
+            unexpected_resets: 0,
+            reset_dropped: 0,
             hash: 0,
             end: None,
         }
@@ -78,12 +88,53 @@ impl Tracker {
             self.seen.resize(bit / 64 + 1, 0);
         }
         self.seen[bit / 64] |= 1 << (bit % 64);
+        if self.hashes.len() <= bit {
+            self.hashes.resize(bit + 1, 0);
+        }
+        self.hashes[bit] = hash;
         if seq < self.max_seq {
             self.reordered += 1;
         }
         self.max_seq = self.max_seq.max(seq);
         self.hash = self.hash.wrapping_add(hash);
         true
+    }
+
+    /// `event: reset` `{"lastSeq": n}`: what this client holds is not the job's
+    /// history. Like the dashboard it reloads: everything it holds is dropped and it
+    /// reads again from its floor (from the start, or from `n` if the history is now
+    /// shorter than what it had before it started), so the content of every seq it ends
+    /// with comes from the new history. Returns how many events were dropped.
+    pub fn reset(&mut self, n: i64) -> u64 {
+        self.resets += 1;
+        let dropped = self.received_count();
+        self.seen.clear();
+        self.hashes.clear();
+        self.hash = 0;
+        self.floor = self.floor.min(n.max(0));
+        self.max_seq = self.floor;
+        self.last_id = (self.floor > 0).then_some(self.floor);
+        self.reset_dropped += dropped;
+        dropped
+    }
+
+    /// The first seq whose content differs from `table(seq)` (its content hash), and
+    /// how many differ: where a view went wrong.
+    pub fn differing(&self, table: impl Fn(i64) -> Option<u64>) -> (Option<i64>, u64) {
+        let mut first = None;
+        let mut n = 0;
+        for (bit, &hash) in self.hashes.iter().enumerate() {
+            let seq = self.floor + 1 + bit as i64;
+            if self.is_seen(seq) && table(seq) != Some(hash) {
+                first = first.or(Some(seq));
+                n += 1;
+            }
+        }
+        (first, n)
+    }
+
+    fn received_count(&self) -> u64 {
+        self.seen.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
     pub fn is_seen(&self, seq: i64) -> bool {
@@ -144,5 +195,32 @@ mod tests {
         b.record(10, 0);
         b.record(11, 0);
         assert_eq!((b.duplicated, b.lost(12)), (1, 1));
+    }
+
+    #[test]
+    fn a_reset_reloads_from_the_floor() {
+        let mut t = Tracker::new(0);
+        for s in 1..=5 {
+            t.record(s, content_hash(s, "old"));
+        }
+        assert_eq!(t.reset(3), 5);
+        assert_eq!((t.max_seq, t.last_id, t.lost(3)), (0, None, 3));
+        for s in 1..=6 {
+            assert!(
+                t.record(s, content_hash(s, "new")),
+                "seq {s} is new after the reset"
+            );
+        }
+        let want = (1..=6).map(|s| content_hash(s, "new"));
+        assert_eq!(t.hash, want.fold(0u64, u64::wrapping_add));
+        assert_eq!(
+            (t.duplicated, t.reordered, t.resets, t.reset_dropped),
+            (0, 0, 1, 5)
+        );
+        // Below the floor of a resuming client: it starts over from there.
+        let mut b = Tracker::new(10);
+        b.record(11, 7);
+        assert_eq!(b.reset(8), 1);
+        assert_eq!((b.floor(), b.hash, b.lost(8), b.lost(9)), (8, 0, 0, 1));
     }
 }

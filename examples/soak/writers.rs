@@ -30,6 +30,9 @@ const INSERT_MANY_JOBS: &str = "INSERT INTO agent_job_events (job_id, level, mes
 pub struct Commits {
     /// `(µs, content hash)` by seq. A std Mutex: nothing awaits while it is held.
     jobs: HashMap<Uuid, Mutex<Vec<(u64, u64)>>>,
+    /// Acknowledgements whose seq a later acknowledged write took again: at most one
+    /// of the two can be in the table, so each of these is an acknowledged write lost.
+    superseded: Mutex<Vec<u64>>,
 }
 
 /// Acknowledged events checked against the final table.
@@ -38,12 +41,16 @@ pub struct Acked {
     pub checked: u64,
     /// Not in the table, or there with other content.
     pub missing: u64,
+    /// Missing too, but acknowledged while replication was asynchronous before a
+    /// failover (`pg_failover_async`): lost by design, counted, not a failure.
+    pub lost_async: u64,
 }
 
 impl Commits {
     pub fn new(jobs: &[Uuid]) -> Commits {
         Commits {
             jobs: jobs.iter().map(|&j| (j, Mutex::new(Vec::new()))).collect(),
+            superseded: Mutex::new(Vec::new()),
         }
     }
 
@@ -58,14 +65,24 @@ impl Commits {
                 if log.len() <= i {
                     log.resize(i + 1, (0, 0));
                 }
-                log[i] = (us, crate::track::content_hash(seq, message));
+                let hash = crate::track::content_hash(seq, message);
+                let (before, old) = log[i];
+                if before != 0 && old != hash {
+                    self.superseded.lock().expect("lock").push(before);
+                }
+                log[i] = (us, hash);
             }
         }
     }
 
     /// Compares every acknowledged event with `table(job, seq)`, the content hash of
-    /// that seq in the final table.
-    pub fn check(&self, table: impl Fn(Uuid, i64) -> Option<u64>) -> Acked {
+    /// that seq in the final table; `may_lose(µs)` tells whether an acknowledgement at
+    /// that time could be lost (inside an asynchronous failover's window).
+    pub fn check(
+        &self,
+        table: impl Fn(Uuid, i64) -> Option<u64>,
+        may_lose: impl Fn(u64) -> bool,
+    ) -> Acked {
         let mut acked = Acked::default();
         for (&job, log) in &self.jobs {
             let log = log.lock().expect("commit log lock");
@@ -75,8 +92,20 @@ impl Commits {
                 }
                 acked.checked += 1;
                 if table(job, seq as i64) != Some(hash) {
-                    acked.missing += 1;
+                    if may_lose(us) {
+                        acked.lost_async += 1;
+                    } else {
+                        acked.missing += 1;
+                    }
                 }
+            }
+        }
+        for &us in self.superseded.lock().expect("lock").iter() {
+            acked.checked += 1;
+            if may_lose(us) {
+                acked.lost_async += 1;
+            } else {
+                acked.missing += 1;
             }
         }
         acked
