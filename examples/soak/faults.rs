@@ -49,6 +49,14 @@ impl Kind {
         Kind::Blackhole,
     ];
 
+    /// The kinds a run injects: every one, `pg_failover_async` only when asked.
+    pub fn rotation(with_async: bool) -> Vec<Kind> {
+        Kind::ALL
+            .into_iter()
+            .filter(|k| with_async || *k != Kind::PgFailoverAsync)
+            .collect()
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::ListenerKill => "listener_kill",
@@ -66,16 +74,16 @@ impl Kind {
 
 /// When each fault happens, as offsets from the start of the write phase: `rounds`
 /// shuffled rounds of every kind, evenly spread between 4 s and 6 s before the end.
-pub fn schedule(duration: Duration, seed: u64) -> Vec<(Duration, Kind)> {
+pub fn schedule(duration: Duration, seed: u64, kinds: &[Kind]) -> Vec<(Duration, Kind)> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let rounds = (duration.as_secs() / 60).max(1) as usize;
-    let n = rounds * Kind::ALL.len();
+    let n = rounds * kinds.len();
     let first = 4.0_f64.min(duration.as_secs_f64() / 4.0);
     let last = (duration.as_secs_f64() - 6.0).max(first + n as f64 * 0.5);
     let step = (last - first) / n as f64;
     let mut kinds = Vec::with_capacity(n);
     for _ in 0..rounds {
-        let mut round = Kind::ALL.to_vec();
+        let mut round = kinds.to_vec();
         rng.shuffle(&mut round);
         kinds.extend(round);
     }
