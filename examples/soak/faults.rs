@@ -81,13 +81,13 @@ pub fn schedule(duration: Duration, seed: u64, kinds: &[Kind]) -> Vec<(Duration,
     let first = 4.0_f64.min(duration.as_secs_f64() / 4.0);
     let last = (duration.as_secs_f64() - 6.0).max(first + n as f64 * 0.5);
     let step = (last - first) / n as f64;
-    let mut kinds = Vec::with_capacity(n);
+    let mut order = Vec::with_capacity(n);
     for _ in 0..rounds {
         let mut round = kinds.to_vec();
         rng.shuffle(&mut round);
-        kinds.extend(round);
+        order.extend(round);
     }
-    kinds
+    order
         .into_iter()
         .enumerate()
         .map(|(i, kind)| (Duration::from_secs_f64(first + step * i as f64), kind))
