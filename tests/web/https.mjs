@@ -50,11 +50,11 @@ function makeCerts() {
 }
 
 /** `eventgate serve` over HTTPS, restartable on the same port. */
-class HttpsGateway {
+/** The harness's gateway (its kill and stop), served over HTTPS. */
+class HttpsGateway extends Gateway {
   constructor(databaseUrl, certs) {
-    this.databaseUrl = databaseUrl;
+    super(databaseUrl);
     this.certs = certs;
-    this.log = [];
   }
 
   /** GET over a connection of its own (counted by the gateway while it is open). */
@@ -103,23 +103,6 @@ class HttpsGateway {
     }, 'the https gateway to be ready');
   }
 
-  async kill() {
-    const child = this.child;
-    if (!child || child.exitCode !== null) return;
-    const gone = new Promise((r) => child.once('exit', r));
-    child.kill('SIGKILL');
-    await gone;
-  }
-
-  async stop() {
-    const child = this.child;
-    if (!child || child.exitCode !== null) return;
-    const gone = new Promise((r) => child.once('exit', r));
-    child.kill('SIGTERM');
-    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-    await gone;
-    clearTimeout(timer);
-  }
 }
 
 /** `name` on PATH or in /usr/sbin, else undefined. */
