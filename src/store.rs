@@ -299,11 +299,26 @@ pub async fn events_after(
     before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Event>, tokio_postgres::Error> {
+    events_between(client, job_id, after, before, limit, "").await
+}
+
+/// `after < seq < before` in `order` (`""` or `"DESC"`), `limit` and [`PAGE_BYTES`]
+/// counted from the first in that order.
+async fn events_between(
+    client: &deadpool_postgres::Client,
+    job_id: Uuid,
+    after: i64,
+    before: Option<i64>,
+    limit: i64,
+    order: &str,
+) -> Result<Vec<Event>, tokio_postgres::Error> {
     let sql = within_bytes(
-        "SELECT * FROM agent_job_events \
-         WHERE job_id = $1 AND seq > $2 AND ($3::int8 IS NULL OR seq < $3) \
-         ORDER BY seq LIMIT $4",
-        "",
+        &format!(
+            "SELECT * FROM agent_job_events \
+             WHERE job_id = $1 AND seq > $2 AND ($3::int8 IS NULL OR seq < $3) \
+             ORDER BY seq {order} LIMIT $4"
+        ),
+        order,
         "$5",
     );
     let stmt = client.prepare_cached(&sql).await?;
@@ -377,18 +392,7 @@ pub async fn events_desc(
     before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Event>, tokio_postgres::Error> {
-    let sql = within_bytes(
-        "SELECT * FROM agent_job_events \
-         WHERE job_id = $1 AND seq > $2 AND ($3::int8 IS NULL OR seq < $3) \
-         ORDER BY seq DESC LIMIT $4",
-        "DESC",
-        "$5",
-    );
-    let stmt = client.prepare_cached(&sql).await?;
-    let rows = client
-        .query(&stmt, &[&job_id, &after, &before, &limit, &PAGE_BYTES])
-        .await?;
-    rows.iter().map(event_from_row).collect()
+    events_between(client, job_id, after, before, limit, "DESC").await
 }
 
 /// The events of one level with `after < seq < before`: the first `limit`, ascending,
