@@ -135,9 +135,14 @@ struct State {
     /// The id of the event at `last_seq`, once this hub has broadcast it: what
     /// [`Hub::sweep`] compares with the table to notice history that went back.
     last_id: Option<Uuid>,
-    /// Set by [`Hub::sweep`]: the next read first checks that the table still holds
-    /// what was broadcast.
+    /// Whether the table is not known to still hold what was broadcast: set when the
+    /// LISTEN session is lost ([`Hub::suspect`]) and by [`Hub::sweep`]; cleared once a
+    /// read has checked it. While set, the ring serves no catch-up (it may hold a
+    /// history a failover took back) and the read task checks first.
     verify: bool,
+    /// Counts the times `verify` was set, so a check that began before the last
+    /// suspicion does not clear it.
+    verify_epoch: u64,
     /// Recent batches, oldest first; together they cover `ring_first..=last_seq`.
     ring: VecDeque<Arc<Batch>>,
     ring_events: usize,
@@ -366,8 +371,18 @@ impl Hub {
         let jobs: Vec<Arc<Job>> = self.jobs().values().cloned().collect();
         tracing::debug!(jobs = jobs.len(), "sweeping active jobs");
         for job in jobs {
-            job.lock().verify = true;
+            job.lock().suspect();
             self.wake(job.id, i64::MAX);
+        }
+    }
+
+    /// The LISTEN session was lost: the server may have failed over, and until each
+    /// job is checked against the table its ring is not trusted for catch-ups (a
+    /// resumer reads the table instead). Reads go on meanwhile: each checks, in its own
+    /// query, that the table still holds the last event broadcast before appending.
+    pub fn suspect(&self) {
+        for job in self.jobs().values() {
+            job.lock().suspect();
         }
     }
 
@@ -384,10 +399,28 @@ impl Hub {
     /// ring is dropped, the hub starts over from the table's last seq, and every stream
     /// gets [`Item::Reset`].
     async fn verify(&self, job: &Job) -> Result<(), crate::Error> {
-        let (last_seq, last_id) = {
+        let (last_seq, last_id, epoch) = {
             let state = job.lock();
-            (state.last_seq, state.last_id)
+            (state.last_seq, state.last_id, state.verify_epoch)
         };
+        self.check_against_table(job, last_seq, last_id).await?;
+        // The state now matches the table (it did, or it was reset to it), unless the
+        // LISTEN session was lost again meanwhile.
+        let mut state = job.lock();
+        if state.verify_epoch == epoch {
+            state.verify = false;
+        }
+        Ok(())
+    }
+
+    /// The body of [`Hub::verify`]: if the table no longer holds the event broadcast
+    /// at `last_seq`, resets the job to the table.
+    async fn check_against_table(
+        &self,
+        job: &Job,
+        last_seq: i64,
+        last_id: Option<Uuid>,
+    ) -> Result<(), crate::Error> {
         let client = self.inner.pool.get().await?;
         // The event first, then the counter: if a rewrite commits between the two
         // reads, the counter read second is the newer one, so N is never stale.
@@ -429,6 +462,7 @@ impl Hub {
         };
         tracing::warn!(job = %job.id, broadcast = last_seq, table = table_last,
             "the job's history went back; resetting its streams");
+        self.inner.metrics.history_resets.inc();
         job.reset(table_last, new_id, status);
         Ok(())
     }
@@ -462,16 +496,19 @@ impl Hub {
         let afters: Vec<i64> = claimed.iter().map(|(_, after)| *after).collect();
         let result = async {
             let client = self.inner.pool.get().await?;
-            let events = store::events_after_each(&client, &ids, &afters, POLL_PAGE).await;
+            let events = store::events_following_each(&client, &ids, &afters, POLL_PAGE).await;
             crate::db::release(client, &events);
             Ok::<_, crate::Error>(events?)
         }
         .await;
         self.inner.metrics.counter_polls.inc();
-        let mut news: HashMap<Uuid, Vec<Event>> = HashMap::new();
+        let mut news: HashMap<Uuid, (Option<Uuid>, Vec<Event>)> = HashMap::new();
         let outcome = result.map(|events| {
-            for event in events {
-                news.entry(event.job_id).or_default().push(event);
+            for (event, prev) in events {
+                news.entry(event.job_id)
+                    .or_insert_with(|| (prev, Vec::new()))
+                    .1
+                    .push(event);
             }
         });
         if !news.is_empty() {
@@ -479,7 +516,12 @@ impl Hub {
             self.inner.metrics.table_reads_live.inc();
         }
         for (job, _) in claimed {
-            let events = news.remove(&job.id).unwrap_or_default();
+            let (prev, events) = news.remove(&job.id).unwrap_or_default();
+            if !events.is_empty() && !job.continues(prev) {
+                // History went back under us: the read task checks and resets.
+                self.spawn_read(job);
+                continue;
+            }
             let mut full = store::page_is_full(&events, POLL_PAGE);
             if !events.is_empty() {
                 full |= !self.deliver(&job, &events, full);
@@ -510,11 +552,10 @@ impl Hub {
                 job.lock().read = Read::Idle;
                 return;
             }
-            let verify = std::mem::take(&mut job.lock().verify);
+            let verify = job.lock().verify;
             if verify {
                 if let Err(e) = self.verify(&job).await {
                     tracing::warn!(job = %job.id, error = %e, "checking history failed; retrying");
-                    job.lock().verify = true;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next()) => {}
                         _ = self.inner.stop.cancelled() => {}
@@ -528,8 +569,12 @@ impl Hub {
                 state.last_seq
             };
             let events = match self.read(job.id, after).await {
-                Ok(events) => {
+                Ok((prev, events)) => {
                     backoff.reset();
+                    if !events.is_empty() && !job.continues(prev) {
+                        // History went back under us: check and reset first.
+                        continue;
+                    }
                     events
                 }
                 Err(e) => {
@@ -607,12 +652,20 @@ impl Hub {
         Ok(events?)
     }
 
-    async fn read(&self, job_id: Uuid, after: i64) -> Result<Vec<Event>, crate::Error> {
+    /// The job's new events after `after`, with the id of the table's event at
+    /// `after` (see [`Job::continues`]).
+    async fn read(
+        &self,
+        job_id: Uuid,
+        after: i64,
+    ) -> Result<(Option<Uuid>, Vec<Event>), crate::Error> {
         let client = self.inner.pool.get().await?;
         self.inner.metrics.table_reads_live.inc();
-        let events = store::events_after(&client, job_id, after, None, READ_PAGE).await;
+        let events = store::events_following_each(&client, &[job_id], &[after], READ_PAGE).await;
         crate::db::release(client, &events);
-        Ok(events?)
+        let events = events?;
+        let prev = events.first().and_then(|(_, prev)| *prev);
+        Ok((prev, events.into_iter().map(|(event, _)| event).collect()))
     }
 
     /// Sends a keep-alive to the subscribers of the jobs in `group` (of
@@ -731,6 +784,14 @@ impl Hub {
     }
 }
 
+impl State {
+    /// See [`State::verify`].
+    fn suspect(&mut self) {
+        self.verify = true;
+        self.verify_epoch += 1;
+    }
+}
+
 impl Job {
     fn new(
         id: Uuid,
@@ -748,6 +809,7 @@ impl Job {
                 last_seq,
                 last_id,
                 verify: false,
+                verify_epoch: 0,
                 ring: VecDeque::new(),
                 ring_events: 0,
                 ring_bytes: 0,
@@ -813,12 +875,38 @@ impl Job {
         let _ = self.tx.send(Item::Reset(last_seq));
     }
 
+    /// Whether new events read after the state's `last_seq` continue what was
+    /// broadcast: `prev`, the id the table holds at `last_seq`, is the one broadcast
+    /// there. Every read checks it before appending, so a failover that took events
+    /// back is noticed at the first read from the new primary, whichever connection
+    /// got there first; and the table's history being a prefix of the old one up to
+    /// the first lost commit, a match there vouches for everything before it. If not,
+    /// the job is marked for [`Hub::verify`], which resets it.
+    fn continues(&self, prev: Option<Uuid>) -> bool {
+        let mut state = self.lock();
+        let ok = match state.last_id {
+            _ if state.last_seq == 0 => true,
+            // Not learnt yet (see `Hub::verify`): nothing to compare with.
+            None => true,
+            Some(known) => prev == Some(known),
+        };
+        if !ok {
+            state.suspect();
+        }
+        ok
+    }
+
     /// The frames after `after` that the ring holds, if it reaches back that far: whole
-    /// batches up to about `max_bytes` (at least one), and the seq they reach.
+    /// batches up to about `max_bytes` (at least one), and the seq they reach. Nothing
+    /// from the ring while the job awaits a check against the table (see
+    /// [`Hub::suspect`]).
     pub fn catch_up(&self, after: i64, max_bytes: usize) -> CatchUp {
         let state = self.lock();
         if after >= state.last_seq {
             return CatchUp::Frames(Vec::new(), state.last_seq, state.last_seq);
+        }
+        if state.verify {
+            return CatchUp::Table;
         }
         match state.ring.front() {
             Some(first) if first.first_seq() <= after + 1 => {

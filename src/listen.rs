@@ -89,6 +89,8 @@ pub async fn run(
         tokio::select! {
             result = session(&url, &hub, &feed, &ready, &metrics, first) => {
                 ready.set(false);
+                // The server may have failed over: rings are not trusted until checked.
+                hub.suspect();
                 match result {
                     Ok(()) => tracing::warn!("listen connection closed; reconnecting"),
                     Err(e) => tracing::warn!(error = %e, "listen connection failed; reconnecting"),

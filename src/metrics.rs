@@ -44,6 +44,8 @@ pub struct Metrics {
     pub lag_resyncs: Counter,
     pub listener_reconnects: Counter,
     pub listener_silent: Counter,
+    /// Jobs whose history went back (a failover lost what the hub had broadcast).
+    pub history_resets: Counter,
     /// 1 while the database refuses writes (set by the LISTEN session's ping).
     pub database_read_only: Gauge,
     pub events_delivered: Counter,
@@ -135,6 +137,10 @@ impl Default for Metrics {
             "eventgate_listener_silent",
             "Times the LISTEN connection was dropped for not answering a ping."
         );
+        let history_resets: Counter = plain!(
+            "eventgate_history_resets",
+            "Jobs whose history in the table went back behind what was broadcast (their streams got `reset`)."
+        );
         let database_read_only: Gauge = plain!(
             "eventgate_database_read_only",
             "Whether the database refused writes (read-only, in recovery) at the last ping."
@@ -204,6 +210,7 @@ impl Default for Metrics {
             lag_resyncs,
             listener_reconnects,
             listener_silent,
+            history_resets,
             database_read_only,
             events_delivered,
             bytes_delivered,
@@ -297,6 +304,7 @@ mod tests {
             ("eventgate_connections_refused_total", "0"),
             ("eventgate_accept_errors_total", "0"),
             ("eventgate_ring_catch_ups_total", "0"),
+            ("eventgate_history_resets_total", "0"),
             ("eventgate_streams_opened_total", "0"),
             ("eventgate_batches_encoded_total", "0"),
             ("eventgate_events_delivered_total", "0"),

@@ -330,24 +330,34 @@ async fn events_between(
 
 /// For each job `ids[i]`, its first `limit` events with `seq > afters[i]` (and no more
 /// than [`PAGE_BYTES`] past the first), in ONE query (an index probe per job), ordered
-/// by job and seq.
-pub async fn events_after_each(
+/// by job and seq. Each event comes with the id of the event just before it in the
+/// table (`None` for the first of a job when `afters[i]` is 0, or when the table has no
+/// event at `afters[i]`): what [`crate::hub`] compares with the id it broadcast at
+/// that seq, so that new events are never appended to a history that went back (a
+/// failover) without noticing. The index scan starts at `afters[i]` itself, so the
+/// check costs one more tuple of a page the scan reads anyway, and that row is not
+/// returned.
+pub async fn events_following_each(
     client: &deadpool_postgres::Client,
     ids: &[Uuid],
     afters: &[i64],
     limit: i64,
-) -> Result<Vec<Event>, tokio_postgres::Error> {
+) -> Result<Vec<(Event, Option<Uuid>)>, tokio_postgres::Error> {
     let sql = format!(
-        "SELECT {EVENT_COLUMNS} \
+        "SELECT {EVENT_COLUMNS}, eventgate_prev \
          FROM unnest($1::uuid[], $2::int8[]) AS c(want_job, after_seq) \
          CROSS JOIN LATERAL ( \
              SELECT * FROM ( \
-                 SELECT p.*, sum({PAGE_SIZE_SQL}) OVER (ORDER BY seq) - {PAGE_SIZE_SQL} \
+                 SELECT q.*, sum({PAGE_SIZE_SQL}) OVER (ORDER BY seq) - {PAGE_SIZE_SQL} \
                      AS eventgate_before \
                  FROM ( \
-                     SELECT * FROM agent_job_events \
-                     WHERE job_id = c.want_job AND seq > c.after_seq ORDER BY seq LIMIT $3 \
-                 ) p \
+                     SELECT p.*, lag(p.id) OVER (ORDER BY p.seq) AS eventgate_prev \
+                     FROM ( \
+                         SELECT * FROM agent_job_events \
+                         WHERE job_id = c.want_job AND seq >= c.after_seq \
+                         ORDER BY seq LIMIT $3::int8 + (c.after_seq > 0)::int \
+                     ) p \
+                 ) q WHERE q.seq > c.after_seq \
              ) w WHERE eventgate_before < $4 \
          ) e \
          ORDER BY job_id, seq"
@@ -356,7 +366,9 @@ pub async fn events_after_each(
     let rows = client
         .query(&stmt, &[&ids, &afters, &limit, &PAGE_BYTES])
         .await?;
-    rows.iter().map(event_from_row).collect()
+    rows.iter()
+        .map(|row| Ok((event_from_row(row)?, row.try_get(9)?)))
+        .collect()
 }
 
 /// The last `limit` events with `seq < before` (and no more than [`PAGE_BYTES`] counted

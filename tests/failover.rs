@@ -304,6 +304,92 @@ async fn a_silent_listen_connection_is_noticed_and_replaced_and_nothing_is_lost(
     assert_exact(&seqs(&sse.until_seq(30).await), 21, 30);
 }
 
+/// Whether every message is an event whose message starts with `label`.
+fn all_labelled(messages: &[Message], label: &str) -> bool {
+    messages.iter().all(|m| {
+        m.event == "queue_event" && m.json()["message"].as_str().unwrap().starts_with(label)
+    })
+}
+
+/// The gap the asynchronous-failover soak found: the pool reaches the new history
+/// before the LISTEN session notices anything (here it is silent; a failover to a host
+/// that vanished without a RST does this), and the new history is already longer than
+/// what was broadcast. The counter poll must not append the new events to the old
+/// ones (then the check at the reconnect would find the new id at the new last seq and
+/// pass): every read first checks the event at its cursor, so the stream gets `reset`
+/// before any event of the new history.
+#[tokio::test]
+async fn a_longer_new_history_read_before_the_listen_session_notices_is_reset_not_appended() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let upstream = url.parse::<tokio_postgres::Config>().unwrap().get_ports()[0];
+    let relay = Relay::start(upstream).await;
+    let gw = Gateway::start(&via(&url, relay.port)).await;
+    let job = create_job(&db).await;
+    let mut sse = Sse::job(gw.addr, job, None).await;
+    insert(&db, job, 80, "old").await;
+    assert_exact(&seqs(&sse.until_seq(80).await), 1, 80);
+
+    relay.blackhole.store(true, Ordering::SeqCst);
+    let resets = gw.metric("eventgate_history_resets_total").await;
+    // 51..80 lost, and 40 new events: the table ends at 90, past the hub's 80.
+    rewrite(&db, job, 50, 40, "new").await;
+    assert_reset(&next(&mut sse).await, 90);
+    assert_eq!(
+        gw.metric("eventgate_history_resets_total").await,
+        resets + 1
+    );
+    insert(&db, job, 2, "after").await;
+    let after = sse.until_seq(92).await;
+    assert_exact(&seqs(&after), 91, 92);
+    assert!(all_labelled(&after, "after "), "{after:?}");
+    relay.blackhole.store(false, Ordering::SeqCst);
+}
+
+/// Once the LISTEN session is lost, the ring may hold a history a failover took back:
+/// until the job is checked against the table, a resumer is served from the table.
+/// Here the resumer's cursor comes from the new history (as the soak's burst clients'
+/// do), inside the range the ring still holds from the old one.
+#[tokio::test]
+async fn after_the_listen_session_is_lost_resumers_read_the_table_not_the_ring() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let upstream = url.parse::<tokio_postgres::Config>().unwrap().get_ports()[0];
+    let relay = Relay::start(upstream).await;
+    let gw = Gateway::start(&via(&url, relay.port)).await;
+    let job = create_job(&db).await;
+    let mut sse = Sse::job(gw.addr, job, None).await;
+    insert(&db, job, 80, "old").await;
+    assert_exact(&seqs(&sse.until_seq(80).await), 1, 80);
+
+    // The session goes silent and is noticed (each new one goes silent too, so it
+    // stays lost until the relay heals).
+    let silent = gw.metric("eventgate_listener_silent_total").await;
+    relay.blackhole.store(true, Ordering::SeqCst);
+    wait_for("the silent LISTEN connection noticed", || async {
+        gw.metric("eventgate_listener_silent_total").await > silent
+    })
+    .await;
+    // Shorter than what was broadcast, so no read appends to it: only the ring
+    // could show the old 53..80.
+    rewrite(&db, job, 50, 5, "new").await;
+    let ring_catch_ups = gw.metric("eventgate_ring_catch_ups_total").await;
+    let mut resumer = Sse::job(gw.addr, job, Some(52)).await;
+    let got = resumer.until_seq(55).await;
+    assert_exact(&seqs(&got), 53, 55);
+    assert!(all_labelled(&got, "new "), "{got:?}");
+    assert_eq!(
+        gw.metric("eventgate_ring_catch_ups_total").await,
+        ring_catch_ups
+    );
+
+    // The relay heals: the reconnect's check resets the old stream to the new history.
+    relay.blackhole.store(false, Ordering::SeqCst);
+    assert_reset(&next(&mut sse).await, 55);
+    insert(&db, job, 1, "after").await;
+    assert_exact(&seqs(&sse.until_seq(56).await), 56, 56);
+}
+
 #[tokio::test]
 async fn several_hosts_with_the_first_dead_find_the_primary() {
     let url = database().await;
