@@ -265,8 +265,12 @@ fn via(url: &str, port: u16) -> String {
     url.replacen(&format!(":{upstream}/"), &format!(":{port}/"), 1)
 }
 
-#[tokio::test]
-async fn a_silent_listen_connection_is_noticed_and_replaced_and_nothing_is_lost() {
+/// A gateway whose connections to PostgreSQL go through a [`Relay`], a job, and a
+/// stream of it that has received its first `n` events (labelled `label`).
+async fn behind_relay(
+    n: usize,
+    label: &str,
+) -> (tokio_postgres::Client, Relay, Gateway, Uuid, Sse) {
     let url = database().await;
     let db = eventgate::db::connect(&url).await.unwrap();
     let upstream = url.parse::<tokio_postgres::Config>().unwrap().get_ports()[0];
@@ -274,8 +278,14 @@ async fn a_silent_listen_connection_is_noticed_and_replaced_and_nothing_is_lost(
     let gw = Gateway::start(&via(&url, relay.port)).await;
     let job = create_job(&db).await;
     let mut sse = Sse::job(gw.addr, job, None).await;
-    insert(&db, job, 10, "before").await;
-    assert_exact(&seqs(&sse.until_seq(10).await), 1, 10);
+    insert(&db, job, n, label).await;
+    assert_exact(&seqs(&sse.until_seq(n as i64).await), 1, n as i64);
+    (db, relay, gw, job, sse)
+}
+
+#[tokio::test]
+async fn a_silent_listen_connection_is_noticed_and_replaced_and_nothing_is_lost() {
+    let (db, relay, gw, job, mut sse) = behind_relay(10, "before").await;
 
     let silent = gw.metric("eventgate_listener_silent_total").await;
     let reconnects = gw.metric("eventgate_listener_reconnects_total").await;
@@ -320,15 +330,7 @@ fn all_labelled(messages: &[Message], label: &str) -> bool {
 /// before any event of the new history.
 #[tokio::test]
 async fn a_longer_new_history_read_before_the_listen_session_notices_is_reset_not_appended() {
-    let url = database().await;
-    let db = eventgate::db::connect(&url).await.unwrap();
-    let upstream = url.parse::<tokio_postgres::Config>().unwrap().get_ports()[0];
-    let relay = Relay::start(upstream).await;
-    let gw = Gateway::start(&via(&url, relay.port)).await;
-    let job = create_job(&db).await;
-    let mut sse = Sse::job(gw.addr, job, None).await;
-    insert(&db, job, 80, "old").await;
-    assert_exact(&seqs(&sse.until_seq(80).await), 1, 80);
+    let (db, relay, gw, job, mut sse) = behind_relay(80, "old").await;
 
     relay.blackhole.store(true, Ordering::SeqCst);
     let resets = gw.metric("eventgate_history_resets_total").await;
@@ -352,15 +354,7 @@ async fn a_longer_new_history_read_before_the_listen_session_notices_is_reset_no
 /// do), inside the range the ring still holds from the old one.
 #[tokio::test]
 async fn after_the_listen_session_is_lost_resumers_read_the_table_not_the_ring() {
-    let url = database().await;
-    let db = eventgate::db::connect(&url).await.unwrap();
-    let upstream = url.parse::<tokio_postgres::Config>().unwrap().get_ports()[0];
-    let relay = Relay::start(upstream).await;
-    let gw = Gateway::start(&via(&url, relay.port)).await;
-    let job = create_job(&db).await;
-    let mut sse = Sse::job(gw.addr, job, None).await;
-    insert(&db, job, 80, "old").await;
-    assert_exact(&seqs(&sse.until_seq(80).await), 1, 80);
+    let (db, relay, gw, job, mut sse) = behind_relay(80, "old").await;
 
     // The session goes silent and is noticed (each new one goes silent too, so it
     // stays lost until the relay heals).
