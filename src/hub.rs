@@ -29,7 +29,7 @@ use uuid::Uuid;
 use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::model::{End, Event, JobStatus};
-use crate::sse::Batch;
+use crate::sse::{history_tag, Batch, EventId};
 use crate::store;
 
 /// Events per table read.
@@ -145,6 +145,9 @@ struct State {
     verify_epoch: u64,
     /// Recent batches, oldest first; together they cover `ring_first..=last_seq`.
     ring: VecDeque<Arc<Batch>>,
+    /// The seq and tag of the last event of the batch the ring dropped last: a
+    /// resumer exactly there is checked without reading the table.
+    before_ring: Option<(i64, u32)>,
     ring_events: usize,
     ring_bytes: usize,
     /// Set once the job's final status event has been seen at the end of the table.
@@ -195,6 +198,16 @@ pub enum CatchUp {
     Table,
 }
 
+/// Whether a cursor is exactly at a finished job's end: at its last seq, naming the
+/// event there or no event at all.
+fn at_end(after: EventId, end: &End, last_id: Option<Uuid>) -> bool {
+    after.seq == end.last_seq
+        && match after.tag {
+            None => true,
+            Some(tag) => last_id.map(history_tag) == Some(tag),
+        }
+}
+
 impl Hub {
     pub fn new(pool: Pool, settings: Settings, metrics: Arc<Metrics>) -> Hub {
         Hub {
@@ -226,11 +239,12 @@ impl Hub {
     }
 
     /// Subscribes to a job, creating its state if needed. `after` is the subscriber's
-    /// cursor, used only to answer `Finished` without subscribing.
+    /// cursor, used only to answer `Finished` without subscribing (when it names the
+    /// job's last event, or names no history).
     ///
     /// The receiver is made before the caller reads anything, so any event the
     /// caller's backfill misses arrives on it (subscribe first, then read).
-    pub async fn subscribe(&self, job_id: Uuid, after: i64) -> Result<Start, crate::Error> {
+    pub async fn subscribe(&self, job_id: Uuid, after: EventId) -> Result<Start, crate::Error> {
         if let Some(start) = self.subscribe_existing(job_id, after) {
             return Ok(start);
         }
@@ -241,8 +255,9 @@ impl Hub {
         let terminal = status.is_terminal();
         let end = terminal.then_some(End { status, last_seq });
         if let Some(end) = &end {
-            // Exactly at the end; a cursor beyond it gets `reset` then `end`.
-            if after == end.last_seq {
+            // Exactly at the end; a cursor beyond it, or one naming another event
+            // there, gets `reset` then `end`.
+            if at_end(after, end, last_id) {
                 return Ok(Start::Finished);
             }
         }
@@ -318,7 +333,7 @@ impl Hub {
         }
     }
 
-    fn subscribe_existing(&self, job_id: Uuid, after: i64) -> Option<Start> {
+    fn subscribe_existing(&self, job_id: Uuid, after: EventId) -> Option<Start> {
         let jobs = self.jobs();
         if self.is_shutting_down() {
             return Some(Start::ShuttingDown);
@@ -326,7 +341,7 @@ impl Hub {
         let job = jobs.get(&job_id)?;
         let mut state = job.lock();
         if let Some(end) = &state.end {
-            if after == end.last_seq {
+            if (after.tag.is_none() || !state.verify) && at_end(after, end, state.last_id) {
                 return Some(Start::Finished);
             }
         }
@@ -392,6 +407,15 @@ impl Hub {
         let cursor = store::job_cursor(&client, job_id).await;
         crate::db::release(client, &cursor);
         Ok(cursor?.map(|(_, last_seq)| last_seq))
+    }
+
+    /// The id of the job's event at `seq` in the table, if it has one: what a resumer
+    /// whose seq the ring cannot name is checked against.
+    pub async fn table_id_at(&self, job_id: Uuid, seq: i64) -> Result<Option<Uuid>, crate::Error> {
+        let client = self.inner.pool.get().await?;
+        let id = store::event_id_at(&client, job_id, seq).await;
+        crate::db::release(client, &id);
+        Ok(id?)
     }
 
     /// The check [`Hub::sweep`] asks for: whether the table still ends at or after the
@@ -811,6 +835,7 @@ impl Job {
                 verify: false,
                 verify_epoch: 0,
                 ring: VecDeque::new(),
+                before_ring: None,
                 ring_events: 0,
                 ring_bytes: 0,
                 end,
@@ -854,6 +879,7 @@ impl Job {
             && (state.ring_events > settings.ring_events || state.ring_bytes > settings.ring_bytes)
         {
             let old = state.ring.pop_front().expect("ring is not empty");
+            state.before_ring = old.tag_at(old.last_seq()).map(|t| (old.last_seq(), t));
             state.ring_events -= old.len_events();
             state.ring_bytes -= old.len_bytes();
         }
@@ -869,6 +895,7 @@ impl Job {
         state.last_seq = last_seq;
         state.last_id = last_id;
         state.ring.clear();
+        state.before_ring = None;
         state.ring_events = 0;
         state.ring_bytes = 0;
         state.end = status.is_terminal().then_some(End { status, last_seq });
@@ -932,6 +959,28 @@ impl Job {
     /// The job's end, once known.
     pub fn end(&self) -> Option<End> {
         self.lock().end.clone()
+    }
+
+    /// What the hub knows of the event at `seq`: its history tag, when the ring holds
+    /// it (or it is the last one broadcast), and the hub's last seq. Nothing while the
+    /// job awaits a check against the table: what the ring holds may be a history a
+    /// failover took back.
+    pub fn tag_at(&self, seq: i64) -> (Option<u32>, i64) {
+        let state = self.lock();
+        if state.verify {
+            return (None, state.last_seq);
+        }
+        let tag = if seq == state.last_seq {
+            state.last_id.map(history_tag)
+        } else {
+            state
+                .ring
+                .iter()
+                .find(|b| b.first_seq() <= seq && seq <= b.last_seq())
+                .and_then(|b| b.tag_at(seq))
+                .or_else(|| state.before_ring.filter(|&(s, _)| s == seq).map(|(_, t)| t))
+        };
+        (tag, state.last_seq)
     }
 }
 

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub listener_silent: Counter,
     /// Jobs whose history went back (a failover lost what the hub had broadcast).
     pub history_resets: Counter,
+    /// Resumers whose `Last-Event-ID` named an event the job no longer has there.
+    pub resume_resets: Counter,
     /// 1 while the database refuses writes (set by the LISTEN session's ping).
     pub database_read_only: Gauge,
     pub events_delivered: Counter,
@@ -141,6 +143,10 @@ impl Default for Metrics {
             "eventgate_history_resets",
             "Jobs whose history in the table went back behind what was broadcast (their streams got `reset`)."
         );
+        let resume_resets: Counter = plain!(
+            "eventgate_resume_resets",
+            "Resuming streams whose Last-Event-ID named an event the job's history no longer has at that seq (they got `reset`)."
+        );
         let database_read_only: Gauge = plain!(
             "eventgate_database_read_only",
             "Whether the database refused writes (read-only, in recovery) at the last ping."
@@ -211,6 +217,7 @@ impl Default for Metrics {
             listener_reconnects,
             listener_silent,
             history_resets,
+            resume_resets,
             database_read_only,
             events_delivered,
             bytes_delivered,
@@ -305,6 +312,7 @@ mod tests {
             ("eventgate_accept_errors_total", "0"),
             ("eventgate_ring_catch_ups_total", "0"),
             ("eventgate_history_resets_total", "0"),
+            ("eventgate_resume_resets_total", "0"),
             ("eventgate_streams_opened_total", "0"),
             ("eventgate_batches_encoded_total", "0"),
             ("eventgate_events_delivered_total", "0"),

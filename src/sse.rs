@@ -4,9 +4,17 @@
 //! A [`Batch`] holds the frames of consecutive seqs in one [`Bytes`] buffer plus the
 //! offset where each frame starts, so a subscriber that already has part of a batch
 //! (after a backfill) takes the rest with a cheap slice instead of re-encoding.
+//!
+//! An event's `id:` names its place in the job's history, not only its seq:
+//! `<seq>-<tag>`, the tag being the last 8 hex digits of the event's id (see
+//! [`EventId`]). EventSource echoes it as `Last-Event-ID`, so a client that comes back
+//! after a failover rewrote that seq is told (`reset`) rather than continued.
+
+use std::fmt::Write as _;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
+use uuid::Uuid;
 
 use crate::model::{End, Event};
 
@@ -21,13 +29,76 @@ impl End {
     }
 }
 
+/// Where one frame of a [`Batch`] starts, and what it names (16 bytes, as a bare
+/// `(i64, u32)` takes with its padding).
+#[derive(Debug, Clone, Copy)]
+struct FrameAt {
+    seq: i64,
+    start: u32,
+    tag: u32,
+}
+
+/// An SSE `id:` as the gateway writes it, `<seq>-<tag>`, or as a client may send it
+/// back: a bare `<seq>` is accepted too (older clients, hand-made cursors), and then
+/// names no history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventId {
+    pub seq: i64,
+    pub tag: Option<u32>,
+}
+
+/// The history tag of an event: the last 32 bits of its id, i.e. the last 8 hex digits
+/// of the uuid as text. Random bits in every id the gateway, the worker or the
+/// original system makes (UUIDv7s end with 38 random bits, UUIDv4s are random), so
+/// two histories that gave the same seq to different events tell apart but for a
+/// chance of 1 in 2^32, and a worker re-sending the same event (same id) after a
+/// failover is the same history.
+pub fn history_tag(id: Uuid) -> u32 {
+    let b = id.as_bytes();
+    u32::from_be_bytes([b[12], b[13], b[14], b[15]])
+}
+
+impl EventId {
+    /// `7`, or `7-0a1b2c3d` (exactly 8 hex digits after the dash); `None` otherwise,
+    /// and for negative seqs.
+    pub fn parse(text: &str) -> Option<EventId> {
+        let (seq, tag) = match text.split_once('-') {
+            Some((seq, tag)) => {
+                if tag.len() != 8 || !tag.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return None;
+                }
+                (seq, Some(u32::from_str_radix(tag, 16).ok()?))
+            }
+            None => (text, None),
+        };
+        if !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let seq = seq.parse::<i64>().ok()?;
+        // Seq 0 is "before the first event": there is nothing to name.
+        Some(EventId {
+            seq,
+            tag: tag.filter(|_| seq > 0),
+        })
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.tag {
+            Some(tag) => write!(f, "{}-{tag:08x}", self.seq),
+            None => write!(f, "{}", self.seq),
+        }
+    }
+}
+
 /// The frames of consecutive events of one job, encoded once.
 #[derive(Debug)]
 pub struct Batch {
     bytes: Bytes,
-    /// `(seq, start offset in bytes)` of each frame, ascending. Seqs are consecutive
-    /// except where events were deleted (retention), so lookups search.
-    frames: Vec<(i64, u32)>,
+    /// Each frame's seq, start offset and history tag, ascending by seq. Seqs are
+    /// consecutive except where events were deleted (retention), so lookups search.
+    frames: Vec<FrameAt>,
     /// Set when the batch ends with the job's final status event.
     end: Option<End>,
 }
@@ -57,13 +128,17 @@ impl Batch {
             if buf.len() >= max_bytes {
                 break;
             }
-            frames.push((event.seq, buf.len() as u32));
+            frames.push(FrameAt {
+                seq: event.seq,
+                start: buf.len() as u32,
+                tag: history_tag(event.id),
+            });
             write_event(&mut buf, event);
         }
         let finished = finished && frames.len() == events.len();
         let end = match events[frames.len() - 1]
             .status()
-            .map(|s| (frames[frames.len() - 1].0, s))
+            .map(|s| (frames[frames.len() - 1].seq, s))
         {
             Some((seq, status)) if finished && status.is_terminal() => Some(End {
                 status,
@@ -79,11 +154,17 @@ impl Batch {
     }
 
     pub fn first_seq(&self) -> i64 {
-        self.frames[0].0
+        self.frames[0].seq
     }
 
     pub fn last_seq(&self) -> i64 {
-        self.frames[self.frames.len() - 1].0
+        self.frames[self.frames.len() - 1].seq
+    }
+
+    /// The history tag of the event at `seq`, if this batch holds it.
+    pub fn tag_at(&self, seq: i64) -> Option<u32> {
+        let i = self.frames.binary_search_by_key(&seq, |f| f.seq).ok()?;
+        Some(self.frames[i].tag)
     }
 
     /// The job's end, when this batch carries its final status event.
@@ -110,17 +191,21 @@ impl Batch {
             return Some(self.bytes.clone());
         }
         // The first frame with seq > after.
-        let i = self.frames.partition_point(|&(seq, _)| seq <= after);
-        Some(self.bytes.slice(self.frames[i].1 as usize..))
+        let i = self.frames.partition_point(|f| f.seq <= after);
+        Some(self.bytes.slice(self.frames[i].start as usize..))
     }
 }
 
-/// `id: <seq>`, `event: queue_event`, `data: <Event JSON>`. The JSON is on one line:
-/// serde escapes newlines in strings and PostgreSQL prints jsonb on one line.
+/// `id: <seq>-<tag>`, `event: queue_event`, `data: <Event JSON>`. The JSON is on one
+/// line: serde escapes newlines in strings and PostgreSQL prints jsonb on one line.
 fn write_event(buf: &mut BytesMut, event: &Event) {
-    buf.put_slice(b"id: ");
-    buf.put_slice(event.seq.to_string().as_bytes());
-    buf.put_slice(b"\nevent: queue_event\ndata: ");
+    let id = EventId {
+        seq: event.seq,
+        tag: Some(history_tag(event.id)),
+    };
+    let mut text = String::with_capacity(32);
+    let _ = write!(text, "id: {id}\nevent: queue_event\ndata: ");
+    buf.put_slice(text.as_bytes());
     write_json(buf, event);
     buf.put_slice(b"\n\n");
 }
@@ -178,11 +263,10 @@ mod tests {
     use super::*;
     use crate::model::{JobStatus, Level};
     use serde_json::value::RawValue;
-    use uuid::Uuid;
 
     fn event(seq: i64, message: &str, payload: &str) -> Event {
         Event {
-            id: Uuid::nil(),
+            id: Uuid::from_u128(0x0a1b_2c3d),
             job_id: Uuid::nil(),
             seq,
             level: Level::Info,
@@ -200,7 +284,7 @@ mod tests {
         let text = String::from_utf8(batch.after(0).unwrap().to_vec()).unwrap();
         assert_eq!(
             text,
-            "id: 7\nevent: queue_event\ndata: {\"id\":\"00000000-0000-0000-0000-000000000000\",\
+            "id: 7-0a1b2c3d\nevent: queue_event\ndata: {\"id\":\"00000000-0000-0000-0000-00000a1b2c3d\",\
              \"jobId\":\"00000000-0000-0000-0000-000000000000\",\"seq\":7,\"line\":7,\"level\":\"info\",\
              \"message\":\"a\\nb\",\"payload\":{\"kind\": \"log\"},\
              \"createdAt\":\"2026-01-01T00:00:00.000000Z\"}\n\n"
@@ -227,12 +311,48 @@ mod tests {
     }
 
     #[test]
+    fn ids_name_the_history_and_parse_back() {
+        let id = Uuid::parse_str("0190a3b2-0000-7000-8000-00000a1b2c3d").unwrap();
+        assert_eq!(history_tag(id), 0x0a1b_2c3d);
+        let written = EventId {
+            seq: 42,
+            tag: Some(history_tag(id)),
+        };
+        // The tag is the uuid's last 8 hex digits, as its text shows them.
+        assert_eq!(written.to_string(), "42-0a1b2c3d");
+        assert!(id.to_string().ends_with("0a1b2c3d"));
+        assert_eq!(EventId::parse("42-0a1b2c3d"), Some(written));
+        assert_eq!(EventId::parse("42-0A1B2C3D"), Some(written));
+        let bare = EventId { seq: 42, tag: None };
+        assert_eq!(EventId::parse("42"), Some(bare));
+        assert_eq!(bare.to_string(), "42");
+        // Seq 0 names nothing; bad shapes are refused.
+        assert_eq!(EventId::parse("0-0a1b2c3d").unwrap().tag, None);
+        for bad in [
+            "",
+            "-3",
+            "+3",
+            "x",
+            "4-",
+            "4-0a1b2c3",
+            "4-0a1b2c3d0",
+            "4-0a1b2c3g",
+            "4.5",
+        ] {
+            assert_eq!(EventId::parse(bad), None, "{bad:?}");
+        }
+        let batch = Batch::encode(&[event(3, "x", "{}"), event(5, "y", "{}")], false);
+        assert_eq!(batch.tag_at(5), Some(0x0a1b_2c3d));
+        assert_eq!(batch.tag_at(4), None);
+    }
+
+    #[test]
     fn after_slices_the_rest() {
         let events: Vec<_> = (3..=5).map(|s| event(s, "x", "{}")).collect();
         let batch = Batch::encode(&events, false);
         let all = batch.after(2).unwrap();
         let rest = String::from_utf8(batch.after(3).unwrap().to_vec()).unwrap();
-        assert!(rest.starts_with("id: 4\n"));
+        assert!(rest.starts_with("id: 4-0a1b2c3d\n"));
         assert!(all.len() > rest.len());
         assert!(batch.after(5).is_none());
         assert_eq!(batch.last_seq(), 5);
@@ -260,7 +380,7 @@ mod tests {
     fn gaps_left_by_retention_are_tolerated() {
         let batch = Batch::encode(&[event(3, "a", "{}"), event(7, "b", "{}")], false);
         let rest = String::from_utf8(batch.after(4).unwrap().to_vec()).unwrap();
-        assert!(rest.starts_with("id: 7\n"));
+        assert!(rest.starts_with("id: 7-0a1b2c3d\n"));
         assert_eq!((batch.first_seq(), batch.last_seq()), (3, 7));
     }
 

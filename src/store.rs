@@ -328,6 +328,19 @@ async fn events_between(
     rows.iter().map(event_from_row).collect()
 }
 
+/// The id of the job's event at `seq`, if the table has one.
+pub async fn event_id_at(
+    client: &deadpool_postgres::Client,
+    job_id: Uuid,
+    seq: i64,
+) -> Result<Option<Uuid>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached("SELECT id FROM agent_job_events WHERE job_id = $1 AND seq = $2")
+        .await?;
+    let row = client.query_opt(&stmt, &[&job_id, &seq]).await?;
+    row.map(|r| r.try_get(0)).transpose()
+}
+
 /// For each job `ids[i]`, its first `limit` events with `seq > afters[i]` (and no more
 /// than [`PAGE_BYTES`] past the first), in ONE query (an index probe per job), ordered
 /// by job and seq. Each event comes with the id of the event just before it in the

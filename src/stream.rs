@@ -126,7 +126,7 @@ pub struct Options {
 pub fn body(
     hub: Hub,
     subscription: Subscription,
-    cursor: i64,
+    cursor: sse::EventId,
     options: Options,
     peer: std::net::SocketAddr,
     slot: crate::limits::Slot,
@@ -136,7 +136,8 @@ pub fn body(
     let subscriber = Subscriber {
         hub,
         subscription,
-        cursor,
+        cursor: cursor.seq,
+        check: cursor.tag,
         options,
         queue: VecDeque::new(),
         phase: Phase::Start,
@@ -161,6 +162,9 @@ struct Subscriber {
     hub: Hub,
     subscription: Subscription,
     cursor: i64,
+    /// The history tag the client sent with its cursor, until checked: whether the
+    /// event it holds at `cursor` is the one the job has there.
+    check: Option<u32>,
     options: Options,
     /// Frames waiting to be written (backfill pages; live batches bypass it).
     queue: VecDeque<Bytes>,
@@ -219,6 +223,13 @@ impl Subscriber {
     /// Brings the stream up to date from the ring or the table; `Live` when done.
     async fn catch_up(&mut self) -> Result<(), crate::Error> {
         let job = self.subscription.job.clone();
+        if let Some(tag) = self.check {
+            if let Some(last_seq) = self.history_differs(tag).await? {
+                self.hub.metrics().resume_resets.inc();
+                self.reset(last_seq);
+            }
+            self.check = None;
+        }
         match job.catch_up(self.cursor, store::PAGE_BYTES as usize) {
             CatchUp::Frames(_, _, last_seq) if self.cursor > last_seq => {
                 // Beyond what the hub has: the table may be ahead of the hub (then the
@@ -267,6 +278,26 @@ impl Subscriber {
             self.check_end();
         }
         Ok(())
+    }
+
+    /// Whether the event the client holds at its cursor (its tag) is not the job's
+    /// event there: then `Some` of the seq to reset to, the job's last seq now. Asked
+    /// of the ring first (no query when it holds the cursor, or when the cursor is the
+    /// last seq broadcast), else of the table. A seq the table does not hold (past its
+    /// end, which the catch-up handles, or deleted by retention) gives no evidence.
+    async fn history_differs(&self, tag: u32) -> Result<Option<i64>, crate::Error> {
+        let job = &self.subscription.job;
+        match job.tag_at(self.cursor) {
+            (Some(known), _) if known == tag => return Ok(None),
+            (Some(_), last_seq) => return Ok(Some(last_seq)),
+            (None, _) => {}
+        }
+        match self.hub.table_id_at(job.id(), self.cursor).await? {
+            Some(id) if sse::history_tag(id) != tag => {
+                Ok(Some(self.hub.table_last_seq(job.id()).await?.unwrap_or(0)))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// `event: reset` `{"lastSeq": N}`: what the client saw after (or instead of) seq

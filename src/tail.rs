@@ -25,6 +25,7 @@ use serde::Deserialize;
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
+use crate::sse::{history_tag, EventId};
 use crate::Error;
 
 /// Lines printed from the tail by default.
@@ -101,7 +102,7 @@ async fn get(
     target: &Target,
     token: Option<&str>,
     path: &str,
-    last_event_id: Option<i64>,
+    last_event_id: Option<&str>,
 ) -> std::io::Result<Response<Incoming>> {
     let stream = TcpStream::connect(&target.addr).await?;
     stream.set_nodelay(true)?;
@@ -145,6 +146,8 @@ async fn body_json<T: serde::de::DeserializeOwned>(res: Response<Incoming>) -> s
 
 #[derive(Deserialize)]
 struct Event {
+    #[serde(default)]
+    id: Option<Uuid>,
     seq: i64,
     message: String,
 }
@@ -229,6 +232,7 @@ pub async fn run(args: TailArgs) -> Result<u8, Error> {
         token: args.token,
         job: args.job,
         cursor: 0,
+        cursor_id: None,
         out: Output::new(),
         backoff: MIN_BACKOFF,
         complained: false,
@@ -247,6 +251,9 @@ struct Tail {
     job: Uuid,
     /// Every event up to this seq has been printed.
     cursor: i64,
+    /// The id of the event printed at `cursor`, when known: resumes name it, so that
+    /// a history a failover rewrote meanwhile is told (`reset`) rather than continued.
+    cursor_id: Option<Uuid>,
     out: Output,
     backoff: Duration,
     /// A retry was reported on stderr (reported once until something works again).
@@ -274,6 +281,7 @@ impl Tail {
             return Ok(());
         };
         self.cursor = last.seq;
+        self.cursor_id = last.id;
         let all: Vec<&str> = page
             .items
             .iter()
@@ -333,11 +341,15 @@ impl Tail {
     /// One connection to the event stream. `Some(status)` when the job ended.
     async fn stream_once(&mut self) -> Result<Option<String>, Failure> {
         let path = format!("{}/events/stream", self.api());
+        let id = EventId {
+            seq: self.cursor,
+            tag: self.cursor_id.map(history_tag),
+        };
         let res = get(
             &self.target,
             self.token.as_deref(),
             &path,
-            Some(self.cursor),
+            Some(&id.to_string()),
         )
         .await
         .map_err(|e| Failure::Retry(format!("stream: {e}")))?;
@@ -387,6 +399,7 @@ impl Tail {
                 // this check keeps it so whatever the server does.
                 if event.seq > self.cursor {
                     self.cursor = event.seq;
+                    self.cursor_id = event.id;
                     for line in event.message.split('\n') {
                         self.out.line(line)?;
                     }
@@ -400,6 +413,7 @@ impl Tail {
                         reset.last_seq
                     );
                     self.cursor = reset.last_seq;
+                    self.cursor_id = None;
                 }
             }
             "end" => {

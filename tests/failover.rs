@@ -717,3 +717,102 @@ async fn a_read_only_database_keeps_output_in_the_worker_and_the_gateway_serving
     assert!(secs >= 1.0, "{message}");
     assert!(message.contains("read-only"), "{message}");
 }
+
+/// `Last-Event-ID` as an EventSource sends it: the `id:` it received last.
+async fn resume(addr: std::net::SocketAddr, job: Uuid, id: &str) -> Sse {
+    let path = format!("/api/queue/jobs/{job}/events/stream");
+    Sse::connect_with(addr, &path, &[("Last-Event-ID", id)]).await
+}
+
+/// `id` with its history tag changed: the same seq, naming another event.
+fn other_tag(id: &str) -> String {
+    let (seq, tag) = id.split_once('-').unwrap();
+    format!("{seq}-{:08x}", u32::from_str_radix(tag, 16).unwrap() ^ 1)
+}
+
+/// The limit the 600 s soak showed while ids were bare seqs: a client away during the
+/// whole failover, holding events of the lost range, comes back after its replica (or
+/// a fresh one) already follows the new history. Its `Last-Event-ID` names the event it
+/// holds (`<seq>-<tag>`), so it gets `reset` whether the ring or the table answers; the
+/// same seq naming the job's own event goes on without one.
+#[tokio::test]
+async fn a_resumer_holding_events_a_failover_took_back_gets_reset_from_ring_or_table() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let gw = Gateway::start(&url).await;
+    let job = create_job(&db).await;
+    insert(&db, job, 60, "old").await;
+    let mut stayed = Sse::job(gw.addr, job, None).await;
+    let old = {
+        let mut away = Sse::job(gw.addr, job, None).await;
+        away.until_seq(60).await
+    };
+    assert_exact(&seqs(&stayed.until_seq(60).await), 1, 60);
+    let held = old[59].id.clone().unwrap();
+    assert!(held.starts_with("60-"), "{held}");
+
+    // The table loses 51..60 and keeps 5 other events there; the stream that stayed
+    // is reset, and 10 more events follow (the ring holds 56..65 of the new history).
+    rewrite(&db, job, 50, 5, "new").await;
+    let reconnects = gw.metric("eventgate_listener_reconnects_total").await;
+    assert_eq!(cut_listen(&db).await, 1);
+    wait_for("the LISTEN connection back", || async {
+        gw.metric("eventgate_listener_reconnects_total").await > reconnects
+    })
+    .await;
+    assert_reset(&next(&mut stayed).await, 55);
+    insert(&db, job, 10, "after").await;
+    let new = stayed.until_seq(65).await;
+    assert_exact(&seqs(&new), 56, 65);
+    let new_at_60 = new[4].id.clone().unwrap();
+    assert!(
+        new_at_60.starts_with("60-") && new_at_60 != held,
+        "{new_at_60}"
+    );
+
+    // From the replica that followed the failover (the ring answers) and from one
+    // that never saw the old history (the table answers).
+    let fresh = Gateway::start(&url).await;
+    for (name, addr) in [("ring", gw.addr), ("table", fresh.addr)] {
+        let before = gw.metric("eventgate_ring_catch_ups_total").await;
+        let mut back = resume(addr, job, &held).await;
+        assert_eq!(back.status, 200, "{name}");
+        assert_reset(&next(&mut back).await, 65);
+        if name == "ring" {
+            assert_eq!(
+                gw.metric("eventgate_ring_catch_ups_total").await,
+                before,
+                "nothing of the ring was sent before the reset"
+            );
+        }
+        // Naming the event the job has at 60: exactly the rest, no reset.
+        let mut right = resume(addr, job, &new_at_60).await;
+        let rest = right.until_seq(65).await;
+        assert_exact(&seqs(&rest), 61, 65);
+        assert!(all_labelled(&rest, "after"), "{name}");
+        // A bare seq names no history: it is taken as it was (documented).
+        let mut bare = resume(addr, job, "60").await;
+        assert_exact(&seqs(&bare.until_seq(65).await), 61, 65);
+    }
+    assert_eq!(gw.metric("eventgate_resume_resets_total").await, 1);
+    assert_eq!(fresh.metric("eventgate_resume_resets_total").await, 1);
+
+    // At a finished job's end: naming its last event is `204`; naming another event
+    // there is `reset` then `end`, never a 204 that would leave the wrong history shown.
+    set_status(&db, job, "succeeded").await;
+    let all = stayed.read_to_end().await;
+    let last = all.iter().rev().find(|m| m.event == "queue_event").unwrap();
+    let last_id = last.id.clone().unwrap();
+    let last_seq = last.seq();
+    for addr in [gw.addr, fresh.addr] {
+        assert_eq!(resume(addr, job, &last_id).await.status, 204);
+        let mut wrong = resume(addr, job, &other_tag(&last_id)).await;
+        assert_eq!(wrong.status, 200);
+        let frames = tokio::time::timeout(PATIENCE, wrong.read_to_end())
+            .await
+            .expect("the stream ends");
+        let events: Vec<&str> = frames.iter().map(|m| m.event.as_str()).collect();
+        assert_eq!(events, ["reset", "end"]);
+        assert_reset(&frames[0], last_seq);
+    }
+}

@@ -166,8 +166,10 @@ async fn many_subscribers_get_identical_streams_with_exact_bytes() {
         .unwrap();
     let (id, message, payload, created): (uuid::Uuid, String, String, String) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
+    // The id names the event: its seq, and the last 8 hex digits of its id.
+    let tag = &id.to_string()[28..];
     let expected = format!(
-        "retry: 2000\n\nid: 1\nevent: queue_event\ndata: {{\"id\":\"{id}\",\"jobId\":\"{job}\",\
+        "retry: 2000\n\nid: 1-{tag}\nevent: queue_event\ndata: {{\"id\":\"{id}\",\"jobId\":\"{job}\",\
          \"seq\":1,\"line\":1,\"level\":\"info\",\"message\":\"{message}\",\"payload\":{payload},\
          \"createdAt\":\"{created}\"}}\n\n"
     );
@@ -1002,7 +1004,7 @@ async fn event_streams_follow_http1_and_keep_their_connection_usable() {
     }
     let text = String::from_utf8(body).unwrap();
     assert!(
-        text.contains("id: 4\n") && text.ends_with("\n\n") && text.contains("event: end"),
+        text.contains("id: 4-") && text.ends_with("\n\n") && text.contains("event: end"),
         "{text}"
     );
     conn.send("GET", "/healthz", &[], None, false)
@@ -1162,7 +1164,8 @@ async fn http2_prior_knowledge_streams_too() {
     use http_body_util::BodyExt;
     let body = res.into_body().collect().await.unwrap().to_bytes();
     let text = String::from_utf8(body.to_vec()).unwrap();
-    assert!(text.contains("id: 4\nevent: queue_event\n"), "{text}");
+    assert!(text.contains("\nevent: queue_event\n"), "{text}");
+    assert!(text.contains("id: 4-"), "{text}");
     assert!(
         text.ends_with("event: end\ndata: {\"lastSeq\":4,\"status\":\"succeeded\"}\n\n"),
         "{text}"

@@ -187,7 +187,8 @@ fn last_complete_id(raw: &[u8]) -> i64 {
             continue;
         }
         if let Some(id) = frame.lines().find_map(|l| l.strip_prefix("id: ")) {
-            if let Ok(seq) = id.trim().parse::<i64>() {
+            let seq = id.trim().split('-').next().unwrap_or_default();
+            if let Ok(seq) = seq.parse::<i64>() {
                 // Only a frame whose end arrived counts; the split leaves the last,
                 // cut one without its blank line at the very end of the text.
                 if text.contains(&format!("{frame}\n\n")) {

@@ -898,7 +898,7 @@ async fn an_idle_stream_outlives_each_proxys_default_timeout() {
 
     let quiet = join_all(streams.iter_mut().map(|s| s.until(": keep-alive"))).await;
     insert(&db, job, 1, "after the quiet").await;
-    let next = join_all(streams.iter_mut().map(|s| s.until("id: 1\n"))).await;
+    let next = join_all(streams.iter_mut().map(|s| s.until("id: 1-"))).await;
     let mut cut = Vec::new();
     for ((stream, quiet), next) in streams.iter().zip(quiet).zip(next) {
         match (quiet, next) {

@@ -187,7 +187,7 @@ fn parse_sse(text: &str) -> Vec<(Option<i64>, String)> {
                     .map(|v| v.trim().to_string())
             };
             (
-                field("id:").and_then(|id| id.parse().ok()),
+                field("id:").and_then(|id| id.split('-').next()?.parse().ok()),
                 field("event:").unwrap_or_else(|| "message".into()),
             )
         })

@@ -64,7 +64,7 @@ pub struct Body {
 pub async fn open(
     addr: SocketAddr,
     path: &str,
-    last_event_id: Option<i64>,
+    last_event_id: Option<&str>,
     small_buffer: bool,
     read_size: usize,
 ) -> io::Result<Open> {
@@ -77,7 +77,7 @@ pub async fn open(
 async fn open_inner(
     addr: SocketAddr,
     path: &str,
-    last_event_id: Option<i64>,
+    last_event_id: Option<&str>,
     small_buffer: bool,
     read_size: usize,
 ) -> io::Result<Open> {

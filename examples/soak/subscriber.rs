@@ -130,6 +130,7 @@ pub struct Outcome {
 
 #[derive(Deserialize)]
 struct EventData {
+    id: Uuid,
     #[serde(rename = "jobId")]
     job_id: Uuid,
     seq: i64,
@@ -258,7 +259,15 @@ impl Client {
                 (true, _) => (true, 2048),
                 (false, small) => (small, 16 * 1024),
             };
-            match sse::open(addr, &path, self.tracker.last_id, small, read_size).await {
+            match sse::open(
+                addr,
+                &path,
+                self.tracker.last_id.as_deref(),
+                small,
+                read_size,
+            )
+            .await
+            {
                 Err(_) => {
                     self.shared.connect_errors.fetch_add(1, Ordering::Relaxed);
                     avoid = Some(pick);
@@ -384,7 +393,7 @@ impl Client {
         self.events += 1;
         match (sabotage, self.events) {
             (Sabotage::Drop, SABOTAGED_EVENT) => {
-                self.tracker.last_id = Some(seq);
+                self.tracker.last_id = Some(seq.to_string());
                 true
             }
             (Sabotage::Repeat, SABOTAGED_EVENT) => {
@@ -393,7 +402,7 @@ impl Client {
             }
             (Sabotage::Swap, SABOTAGED_EVENT) => {
                 self.held = Some((seq, hash));
-                self.tracker.last_id = Some(seq);
+                self.tracker.last_id = Some(seq.to_string());
                 true
             }
             (Sabotage::Swap, n) if n == SABOTAGED_EVENT + 1 => {
@@ -401,7 +410,7 @@ impl Client {
                 if let Some((held, held_hash)) = self.held.take() {
                     self.tracker.record(held, held_hash);
                 }
-                self.tracker.last_id = Some(seq);
+                self.tracker.last_id = Some(seq.to_string());
                 true
             }
             _ => false,
@@ -413,13 +422,22 @@ impl Client {
             "queue_event" => {
                 let received_us = now_us();
                 self.shared.delivered.fetch_add(1, Ordering::Relaxed);
-                let id: Option<i64> = message.id.as_deref().and_then(|s| s.parse().ok());
+                // `id: <seq>-<tag>`, the tag the last 8 hex digits of the event's id.
+                let id: Option<(i64, &str)> = message.id.as_deref().and_then(|s| {
+                    let (seq, tag) = s.split_once('-')?;
+                    Some((seq.parse().ok()?, tag))
+                });
                 let data: Option<EventData> = serde_json::from_str(&message.data).ok();
                 let (seq, text) = match (&data, id) {
-                    (Some(d), Some(id)) if d.job_id == self.spec.job && d.seq == id => {
+                    (Some(d), Some((id, tag)))
+                        if d.job_id == self.spec.job
+                            && d.seq == id
+                            && d.id.to_string().ends_with(tag)
+                            && tag.len() == 8 =>
+                    {
                         (id, d.message.as_str())
                     }
-                    (_, Some(id)) => {
+                    (_, Some((id, _))) => {
                         self.tracker.corrupt += 1;
                         (id, "")
                     }
@@ -433,6 +451,8 @@ impl Client {
                     return;
                 }
                 let new = self.tracker.record(seq, hash);
+                // As EventSource: the next reconnect sends the id as it came.
+                self.tracker.last_id = message.id.clone();
                 if !new || stalled || self.spec.slow || self.spec.index.is_none() {
                     return;
                 }

@@ -32,8 +32,9 @@ pub struct Tracker {
     /// `reset` takes back out of `hash`.
     hashes: Vec<u64>,
     pub max_seq: i64,
-    /// The `id:` of the last message received: what a browser sends on reconnect.
-    pub last_id: Option<i64>,
+    /// The `id:` of the last message received (`<seq>-<tag>`, or a bare seq where
+    /// the client made it up): what a browser sends on reconnect.
+    pub last_id: Option<String>,
     pub received: u64,
     pub duplicated: u64,
     pub reordered: u64,
@@ -58,7 +59,7 @@ impl Tracker {
             seen: Vec::new(),
             hashes: Vec::new(),
             max_seq: floor,
-            last_id: (floor > 0).then_some(floor),
+            last_id: (floor > 0).then(|| floor.to_string()),
             received: 0,
             duplicated: 0,
             reordered: 0,
@@ -78,7 +79,7 @@ impl Tracker {
     /// Records one received event with its `content_hash`. Returns true if it was new.
     pub fn record(&mut self, seq: i64, hash: u64) -> bool {
         self.received += 1;
-        self.last_id = Some(seq);
+        self.last_id = Some(seq.to_string());
         if seq <= self.floor || self.is_seen(seq) {
             self.duplicated += 1;
             return false;
@@ -113,7 +114,7 @@ impl Tracker {
         self.hash = 0;
         self.floor = self.floor.min(n.max(0));
         self.max_seq = self.floor;
-        self.last_id = (self.floor > 0).then_some(self.floor);
+        self.last_id = (self.floor > 0).then(|| self.floor.to_string());
         self.reset_dropped += dropped;
         dropped
     }

@@ -244,7 +244,11 @@ pub async fn serve<B>(
         // A following response is long-lived: it counts against the client's streams.
         let slot = app.stream_slot(peer)?;
         // Subscribe before the first read, so no wake-up falls between the two.
-        match app.hub.subscribe(id, 0).await? {
+        match app
+            .hub
+            .subscribe(id, crate::sse::EventId { seq: 0, tag: None })
+            .await?
+        {
             Start::NotFound => return Err(not_found()),
             Start::Finished => {}
             Start::ShuttingDown => {

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::error::{ApiError, Result};
 use crate::config::DEFAULT_PAGE;
 use crate::model::{JobStatus, Level};
+use crate::sse::EventId;
 
 /// Largest `limit` of the job list.
 const MAX_JOBS: i64 = 500;
@@ -164,8 +165,9 @@ impl PageQuery {
 /// Where an event stream resumes.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum StreamCursor {
-    /// After this seq (`Last-Event-ID`, `?afterSeq=`, or 0: the start).
-    Seq(i64),
+    /// After this seq (`Last-Event-ID`, `?afterSeq=`, or 0: the start), with the tag
+    /// of the event the client holds there when it sent one.
+    Seq(EventId),
     /// After the original system's cursor, `?after=` + `afterEventId=`.
     Original(Original),
 }
@@ -174,28 +176,38 @@ pub(super) enum StreamCursor {
 /// `afterEventId=`, else the start.
 pub(super) fn stream_cursor<B>(req: &Request<B>) -> Result<StreamCursor> {
     let q = Params::of(req);
-    if let Some(seq) = last_event_id(req)? {
-        return Ok(StreamCursor::Seq(seq));
+    if let Some(id) = last_event_id(req)? {
+        return Ok(StreamCursor::Seq(id));
     }
-    if let Some(seq) = q.int("afterSeq")? {
-        return Ok(StreamCursor::Seq(seq));
+    // The stream's `afterSeq` also takes an `id:` as sent (the dashboard's new
+    // EventSource names the history it holds, as a browser's own reconnect does).
+    if let Some(text) = q.text("afterSeq") {
+        return match EventId::parse(text) {
+            Some(id) => Ok(StreamCursor::Seq(id)),
+            None => Err(ApiError::bad_request(
+                "invalid_cursor",
+                "afterSeq must be a non-negative integer, or an event's id: as sent",
+            )),
+        };
     }
     let original = Original::parse(&q, "after", "afterEventId")?;
     if original.is_set() {
         return Ok(StreamCursor::Original(original));
     }
-    Ok(StreamCursor::Seq(0))
+    Ok(StreamCursor::Seq(EventId { seq: 0, tag: None }))
 }
 
-fn last_event_id<B>(req: &Request<B>) -> Result<Option<i64>> {
+/// `Last-Event-ID`: what the stream sent as `id:` (`<seq>-<tag>`), or a bare seq.
+fn last_event_id<B>(req: &Request<B>) -> Result<Option<EventId>> {
     if let Some(value) = req.headers().get("last-event-id") {
         let text = value.to_str().unwrap_or("\u{FFFD}").trim();
         if !text.is_empty() {
-            return match text.parse::<i64>() {
-                Ok(n) if n >= 0 => Ok(Some(n)),
-                _ => Err(ApiError::bad_request(
+            return match EventId::parse(text) {
+                Some(id) => Ok(Some(id)),
+                None => Err(ApiError::bad_request(
                     "invalid_last_event_id",
-                    "Last-Event-ID must be a non-negative integer",
+                    "Last-Event-ID must be an id: the stream sent (<seq>-<8 hex digits>) \
+                     or a non-negative integer",
                 )),
             };
         }
@@ -315,9 +327,12 @@ mod tests {
             }
             stream_cursor(&b.body(()).unwrap()).unwrap()
         };
+        let seq = |seq, tag| StreamCursor::Seq(EventId { seq, tag });
         let both = format!("afterSeq=4&{original}");
-        assert_eq!(with(&both, Some("9")), StreamCursor::Seq(9));
-        assert_eq!(with(&both, None), StreamCursor::Seq(4));
+        assert_eq!(with(&both, Some("9")), seq(9, None));
+        assert_eq!(with(&both, Some("9-0000abcd")), seq(9, Some(0xabcd)));
+        assert_eq!(with(&both, None), seq(4, None));
+        assert_eq!(with("afterSeq=4-0000abcd", None), seq(4, Some(0xabcd)));
         assert_eq!(
             with(&original, None),
             StreamCursor::Original(Original {
@@ -325,7 +340,7 @@ mod tests {
                 time: Some("2026-01-01T00:00:00Z".into())
             })
         );
-        assert_eq!(with("", None), StreamCursor::Seq(0));
+        assert_eq!(with("", None), seq(0, None));
     }
 
     #[test]

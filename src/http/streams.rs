@@ -15,6 +15,7 @@ use super::query::{stream_cursor, StreamCursor};
 use super::App;
 use crate::auth::Grant;
 use crate::hub::Start;
+use crate::sse::EventId;
 use crate::stream;
 
 /// The head every event stream answers with.
@@ -36,13 +37,14 @@ pub(super) async fn events<B>(
     grant: &Grant,
 ) -> Result<Response<Body>> {
     let cursor = match stream_cursor(req)? {
-        StreamCursor::Seq(seq) => seq,
+        StreamCursor::Seq(cursor) => cursor,
         StreamCursor::Original(original) => {
             let client = app.pool.get().await?;
             // As polling: an event id that is not this job's, without a time, is 400.
-            super::events::seq_after(&client, id, &original)
+            let seq = super::events::seq_after(&client, id, &original)
                 .await?
-                .unwrap_or(0)
+                .unwrap_or(0);
+            EventId { seq, tag: None }
         }
     };
     let slot = app.stream_slot(peer)?;

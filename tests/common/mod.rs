@@ -383,12 +383,12 @@ pub struct Message {
 }
 
 impl Message {
+    /// The seq of an `id:` as the gateway writes it, `<seq>-<tag>`.
     pub fn seq(&self) -> i64 {
-        self.id
-            .as_deref()
-            .expect("event has an id")
-            .parse()
-            .unwrap()
+        let id = self.id.as_deref().expect("event has an id");
+        let (seq, tag) = id.split_once('-').expect("the id names its history");
+        assert_eq!(tag.len(), 8, "{id}");
+        seq.parse().unwrap()
     }
 
     pub fn json(&self) -> serde_json::Value {
