@@ -599,6 +599,34 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     await page.close();
   });
 
+  test('a reset also when the new history is longer: the id names the event held', async () => {
+    const id = jobs.create('reset-longer');
+    jobs.append(id, Array.from({ length: 10 }, (_, i) => `old ${i + 1}`));
+    const page = await openJob(id);
+    await waitForState(page, 'live');
+    await waitForLine(page, 'old 10');
+    await page.evaluate(() => { window.__beforeReset = true; });
+    // Events 6..10 are gone and 7 new ones take seqs 6..12: the page's cursor (10) is
+    // inside the new history, so only the tag in its Last-Event-ID (`10-<tag>`) tells
+    // that the event it holds at 10 is not the job's. The restarted gateway never saw
+    // the old history.
+    await gw.kill();
+    pg.sql(`BEGIN;
+      DELETE FROM agent_job_events WHERE job_id = '${id}' AND seq > 5;
+      UPDATE agent_jobs SET last_seq = 5, last_line = 5 WHERE id = '${id}';
+      INSERT INTO agent_job_events (job_id, level, message, payload)
+        SELECT '${id}', 'info', 'new ' || i, '{"kind":"log","stream":"stdout"}' FROM generate_series(1, 7) i;
+      COMMIT;`);
+    await gw.start();
+    await waitForLine(page, 'new 7', 60_000);
+    assert.equal(await page.evaluate(() => window.__beforeReset), undefined, 'the page was reloaded');
+    assert.deepEqual(await outputLines(page), [
+      'old 1', 'old 2', 'old 3', 'old 4', 'old 5',
+      'new 1', 'new 2', 'new 3', 'new 4', 'new 5', 'new 6', 'new 7',
+    ]);
+    await page.close();
+  });
+
   test('bidi controls are shown, not applied; a worker notice is a banner', async () => {
     const id = jobs.create('bidi');
     jobs.append(id, [

@@ -102,6 +102,8 @@ function linesOf(events, prevStage) {
       stage: typeof p.stage === 'string' ? p.stage : undefined,
       status: kind === 'status' ? p.status : undefined,
       at: ev.createdAt,
+      // The history tag of the stream's `id:` (see streamCursor).
+      tag: typeof ev.id === 'string' && ev.id.length >= 8 ? ev.id.slice(-8) : undefined,
     };
     let stageStart = kind === 'stage' || kind === 'status';
     if ((kind === 'notice' || kind === 'truncated') && ev.level === 'warn') showNotice(ev.message);
@@ -890,8 +892,9 @@ function connectSse() {
   closeSse();
   if (ended) return;
   // On its own reconnects EventSource sends Last-Event-ID; a new one starts after the
-  // last line we have.
-  const source = new EventSource(`${api}/events/stream?afterSeq=${lastSeq}`);
+  // last line we have, naming it as the stream's `id:` does (`<seq>-<the last 8 hex
+  // digits of its id>`), so that a history a failover rewrote meanwhile gets `reset`.
+  const source = new EventSource(`${api}/events/stream?afterSeq=${streamCursor()}`);
   es = source;
   if (mode !== 'polling') setConn(failures ? 'reconnecting' : 'connecting');
   source.addEventListener('open', () => {
@@ -926,6 +929,14 @@ function connectSse() {
     finish(status);
   });
   source.addEventListener('error', () => onSseError(source));
+}
+
+/** `lastSeq` as an SSE id naming the event we hold there, when it is rendered; else
+ * the bare seq. */
+function streamCursor() {
+  const last = lines.length ? lines[lines.length - 1].e : null;
+  if (last && last.seq === lastSeq && last.tag) return `${lastSeq}-${last.tag}`;
+  return String(lastSeq);
 }
 
 function onSseError(source) {
