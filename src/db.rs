@@ -43,6 +43,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0007_cheaper_write_path.sql",
         include_str!("../sql/0007_cheaper_write_path.sql"),
     ),
+    (
+        "0008_two_notify_slots.sql",
+        include_str!("../sql/0008_two_notify_slots.sql"),
+    ),
 ];
 
 /// The first line of a migration that runs outside a transaction.

@@ -386,3 +386,59 @@ async fn past_the_quiet_rate_a_burst_is_coalesced_and_every_event_delivered() {
         );
     }
 }
+
+/// The fast path's slots (sql/0008): two notifying transactions may be in flight at
+/// once (one committing, one waiting behind it at PostgreSQL's NOTIFY lock), a third
+/// takes no slot. Seen in `pg_locks`, then in what the two notify at their commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_notifying_transactions_may_be_in_flight_and_a_third_takes_no_slot() {
+    let url = database().await;
+    let db = eventgate::db::connect(&url).await.unwrap();
+    let jobs = [
+        create_job(&db).await,
+        create_job(&db).await,
+        create_job(&db).await,
+    ];
+    let (_listener, mut rx) = listen(&url).await;
+    let mut open = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let c = eventgate::db::connect(&url).await.unwrap();
+        c.batch_execute(&format!(
+            "BEGIN; INSERT INTO agent_job_events (job_id, level, message) \
+             VALUES ('{job}', 'info', 'open {i}')"
+        ))
+        .await
+        .unwrap();
+        open.push(c);
+    }
+    assert_eq!(
+        slots(&open[0]).await,
+        Some(vec![6]),
+        "the first takes slot 6"
+    );
+    assert_eq!(slots(&open[1]).await, Some(vec![7]), "the second slot 7");
+    assert_eq!(slots(&open[2]).await, None, "the third none");
+    // The two with a slot notify at their commit, whatever the clock.
+    for c in &open[..2] {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    let mut got = next_notifications(&mut rx, 2).await;
+    got.sort();
+    let mut want: Vec<String> = jobs[..2].iter().map(|j| format!("{j}:1")).collect();
+    want.sort();
+    assert_eq!(got, want);
+    open[2].batch_execute("COMMIT").await.unwrap();
+}
+
+/// The slots (advisory locks (1702260340, 6) and (…, 7)) `c`'s transaction holds.
+async fn slots(c: &tokio_postgres::Client) -> Option<Vec<i32>> {
+    c.query_one(
+        "SELECT array_agg(objid::int4 ORDER BY objid) \
+         FROM pg_locks WHERE locktype = 'advisory' AND classid = 1702260340 \
+         AND objid IN (6, 7) AND pid = pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
