@@ -4,7 +4,7 @@
 //! A batch is ONE `INSERT ... SELECT FROM unnest(...)` statement over arrays sent in
 //! NOTIFY per batch. A batch goes when `max_batch` bytes are waiting or `linger` after
 //! its first line, but never sooner than `1 / max_statements_per_sec` after the
-//! previous statement.
+//! previous statement started.
 //!
 //! Connection errors are retried with capped exponential backoff (the buffer meanwhile
 //! drops its oldest output once full, and says so): while the command runs, forever;
@@ -585,6 +585,10 @@ pub async fn write_loop(
         if rows.is_empty() {
             continue;
         }
+        // The cap counts from each statement's start, so a statement that itself takes
+        // longer than the interval (a flood's 8 MiB batch) is followed at once: counted
+        // from its end, every big statement left the database idle for the interval.
+        let started = Instant::now();
         match sink.insert(&rows).await {
             Ok(()) => {
                 written.statements += 1;
@@ -596,7 +600,7 @@ pub async fn write_loop(
                 tracing::error!(error = %e, lines = rows.lines, "could not store output");
             }
         }
-        last_statement = Some(Instant::now());
+        last_statement = Some(started);
     }
     (sink, written)
 }
