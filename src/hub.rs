@@ -159,12 +159,17 @@ struct State {
 }
 
 /// Who reads a job's new events, and whether more were announced meanwhile. Only the
-/// holder of `Running` or `Again` reads, so reads of one job never race.
+/// holder of `Running` or `Again` delivers, so reads of one job never race.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Read {
     /// Nobody: the next wake starts a read task.
     Idle,
-    /// A read task, or the counter poll, is reading.
+    /// The counter poll's query covers the job, but a wake does not wait for it (the
+    /// query reads every followed job and takes milliseconds): it takes the job over
+    /// as from `Idle`, and the poll then leaves the job alone and delivers nothing of
+    /// it.
+    Polled,
+    /// A read task, or the counter poll after its query, is reading.
     Running,
     /// ...and a wake during that read announced events up to this seq: read again
     /// only if the read fell short of it.
@@ -367,7 +372,7 @@ impl Hub {
                 return;
             }
             state.read = match state.read {
-                Read::Idle => Read::Running,
+                Read::Idle | Read::Polled => Read::Running,
                 Read::Running => Read::Again(max_seq),
                 Read::Again(wanted) => Read::Again(wanted.max(max_seq)),
             };
@@ -499,8 +504,9 @@ impl Hub {
     /// read in the same query, not by a read per job afterwards: under load most events
     /// come this way, so that saves a query per job with news on every tick.
     async fn poll_counters(&self) -> Result<(), crate::Error> {
-        // Claim the jobs as a read task would (`Running`), so that wakes during the
-        // query ask for another read instead of starting one that would race this one.
+        // Mark the idle jobs as covered by this query (`Polled`): a wake during it
+        // takes its job over at once (a read task of its own) instead of waiting for
+        // the query, and this poll then drops what it read of that job.
         let claimed: Vec<(Arc<Job>, i64)> = self
             .jobs()
             .values()
@@ -509,7 +515,7 @@ impl Hub {
                 if state.read != Read::Idle {
                     return None;
                 }
-                state.read = Read::Running;
+                state.read = Read::Polled;
                 Some((job.clone(), state.last_seq))
             })
             .collect();
@@ -541,6 +547,15 @@ impl Hub {
         }
         for (job, _) in claimed {
             let (prev, events) = news.remove(&job.id).unwrap_or_default();
+            {
+                let mut state = job.lock();
+                if state.read != Read::Polled {
+                    // A wake took it over during the query: its read task delivers.
+                    self.inner.metrics.poll_takeovers.inc();
+                    continue;
+                }
+                state.read = Read::Running;
+            }
             if !events.is_empty() && !job.continues(prev) {
                 // History went back under us: the read task checks and resets.
                 self.spawn_read(job);

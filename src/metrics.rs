@@ -48,6 +48,8 @@ pub struct Metrics {
     pub history_resets: Counter,
     /// Resumers whose `Last-Event-ID` named an event the job no longer has there.
     pub resume_resets: Counter,
+    /// Jobs a notification took over from the counter poll while its query ran.
+    pub poll_takeovers: Counter,
     /// 1 while the database refuses writes (set by the LISTEN session's ping).
     pub database_read_only: Gauge,
     pub events_delivered: Counter,
@@ -147,6 +149,10 @@ impl Default for Metrics {
             "eventgate_resume_resets",
             "Resuming streams whose Last-Event-ID named an event the job's history no longer has at that seq (they got `reset`)."
         );
+        let poll_takeovers: Counter = plain!(
+            "eventgate_poll_takeovers",
+            "Jobs whose notification came while the counter poll's query covered them: read at once by their own read task, the poll's rows dropped."
+        );
         let database_read_only: Gauge = plain!(
             "eventgate_database_read_only",
             "Whether the database refused writes (read-only, in recovery) at the last ping."
@@ -218,6 +224,7 @@ impl Default for Metrics {
             listener_silent,
             history_resets,
             resume_resets,
+            poll_takeovers,
             database_read_only,
             events_delivered,
             bytes_delivered,
@@ -313,6 +320,7 @@ mod tests {
             ("eventgate_ring_catch_ups_total", "0"),
             ("eventgate_history_resets_total", "0"),
             ("eventgate_resume_resets_total", "0"),
+            ("eventgate_poll_takeovers_total", "0"),
             ("eventgate_streams_opened_total", "0"),
             ("eventgate_batches_encoded_total", "0"),
             ("eventgate_events_delivered_total", "0"),
