@@ -805,6 +805,11 @@ async fn a_resumer_holding_events_a_failover_took_back_gets_reset_from_ring_or_t
     let last_id = last.id.clone().unwrap();
     let last_seq = last.seq();
     for addr in [gw.addr, fresh.addr] {
+        // Once this gateway has seen the end itself (a stream from just before it ends).
+        let mut before_end = resume(addr, job, &(last_seq - 1).to_string()).await;
+        tokio::time::timeout(PATIENCE, before_end.read_to_end())
+            .await
+            .expect("the stream ends");
         assert_eq!(resume(addr, job, &last_id).await.status, 204);
         let mut wrong = resume(addr, job, &other_tag(&last_id)).await;
         assert_eq!(wrong.status, 200);
