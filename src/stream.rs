@@ -223,12 +223,11 @@ impl Subscriber {
     /// Brings the stream up to date from the ring or the table; `Live` when done.
     async fn catch_up(&mut self) -> Result<(), crate::Error> {
         let job = self.subscription.job.clone();
-        if let Some(tag) = self.check {
+        if let Some(tag) = self.check.take() {
             if let Some(last_seq) = self.history_differs(tag).await? {
                 self.hub.metrics().resume_resets.inc();
                 self.reset(last_seq);
             }
-            self.check = None;
         }
         match job.catch_up(self.cursor, store::PAGE_BYTES as usize) {
             CatchUp::Frames(_, _, last_seq) if self.cursor > last_seq => {

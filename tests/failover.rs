@@ -95,15 +95,23 @@ async fn a_cursor_past_the_end_of_a_finished_job_gets_reset_then_end() {
     }
 }
 
-/// Cuts the gateway's LISTEN connection (as a failover or a network cut does).
-async fn cut_listen(db: &tokio_postgres::Client) -> u64 {
-    db.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND application_name LIKE '%-listen' AND pid <> pg_backend_pid()",
-        &[],
-    )
-    .await
-    .unwrap()
+/// Cuts the gateway's LISTEN connection (as a failover or a network cut does) and
+/// waits until it is back.
+async fn cut_listen(db: &tokio_postgres::Client, gw: &Gateway) {
+    let reconnects = gw.metric("eventgate_listener_reconnects_total").await;
+    let cut = db
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE '%-listen' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cut, 1, "the gateway's LISTEN session was cut");
+    wait_for("the LISTEN connection back", || async {
+        gw.metric("eventgate_listener_reconnects_total").await > reconnects
+    })
+    .await;
 }
 
 /// Rewrites a job's history as an asynchronous failover does, in one transaction: the
@@ -139,16 +147,7 @@ async fn history_that_went_back_resets_every_stream_then_follows_the_new_history
     // The table loses 51..80 and new writers take 51.. again (fewer of them than were
     // lost, so nothing is above the hub's last seq: only the check can notice).
     rewrite(&db, job, 50, 5, "new").await;
-    let reconnects = gw.metric("eventgate_listener_reconnects_total").await;
-    assert_eq!(
-        cut_listen(&db).await,
-        1,
-        "the gateway's LISTEN session was cut"
-    );
-    wait_for("the LISTEN connection back", || async {
-        gw.metric("eventgate_listener_reconnects_total").await > reconnects
-    })
-    .await;
+    cut_listen(&db, &gw).await;
 
     for sse in [&mut from_start, &mut resumed] {
         assert_reset(&next(sse).await, 55);
@@ -188,12 +187,7 @@ async fn the_same_length_with_other_events_is_noticed_by_id() {
 
     // 6..10 replaced by other events with the same seqs: only the ids differ.
     rewrite(&db, job, 5, 5, "other").await;
-    let reconnects = gw.metric("eventgate_listener_reconnects_total").await;
-    assert_eq!(cut_listen(&db).await, 1);
-    wait_for("the LISTEN connection back", || async {
-        gw.metric("eventgate_listener_reconnects_total").await > reconnects
-    })
-    .await;
+    cut_listen(&db, &gw).await;
     assert_reset(&next(&mut sse).await, 10);
     insert(&db, job, 1, "after").await;
     let after = sse.until_seq(11).await;
@@ -754,12 +748,7 @@ async fn a_resumer_holding_events_a_failover_took_back_gets_reset_from_ring_or_t
     // The table loses 51..60 and keeps 5 other events there; the stream that stayed
     // is reset, and 10 more events follow (the ring holds 56..65 of the new history).
     rewrite(&db, job, 50, 5, "new").await;
-    let reconnects = gw.metric("eventgate_listener_reconnects_total").await;
-    assert_eq!(cut_listen(&db).await, 1);
-    wait_for("the LISTEN connection back", || async {
-        gw.metric("eventgate_listener_reconnects_total").await > reconnects
-    })
-    .await;
+    cut_listen(&db, &gw).await;
     assert_reset(&next(&mut stayed).await, 55);
     insert(&db, job, 10, "after").await;
     let new = stayed.until_seq(65).await;

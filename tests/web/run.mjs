@@ -572,26 +572,37 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
     await page.close();
   });
 
-  test('a reset (history went back) reloads the view with the new history', async () => {
-    const id = jobs.create('reset');
+  /** An asynchronous failover as the gateway sees it, while a page shows `old 1..10`:
+   * the gateway is down while events 6..10 are replaced by `fresh` new ones, then comes
+   * back with no memory of the old history. The page must reload and show the new
+   * history (old 1..5, new 1..fresh). */
+  async function failoverUnderAPage(name, fresh) {
+    const id = jobs.create(name);
     jobs.append(id, Array.from({ length: 10 }, (_, i) => `old ${i + 1}`));
     const page = await openJob(id);
     await waitForState(page, 'live');
     await waitForLine(page, 'old 10');
     await page.evaluate(() => { window.__beforeReset = true; });
-    // An asynchronous failover as the gateway sees it: events 6..10 are gone and new
-    // ones take seqs 6..8, so the page's cursor (10) is past the job's end.
     await gw.kill();
     pg.sql(`BEGIN;
       DELETE FROM agent_job_events WHERE job_id = '${id}' AND seq > 5;
       UPDATE agent_jobs SET last_seq = 5, last_line = 5 WHERE id = '${id}';
       INSERT INTO agent_job_events (job_id, level, message, payload)
-        SELECT '${id}', 'info', 'new ' || i, '{"kind":"log","stream":"stdout"}' FROM generate_series(1, 3) i;
+        SELECT '${id}', 'info', 'new ' || i, '{"kind":"log","stream":"stdout"}' FROM generate_series(1, ${fresh}) i;
       COMMIT;`);
     await gw.start();
-    await waitForLine(page, 'new 3', 60_000);
+    await waitForLine(page, `new ${fresh}`, 60_000);
     assert.equal(await page.evaluate(() => window.__beforeReset), undefined, 'the page was reloaded');
-    assert.deepEqual(await outputLines(page), ['old 1', 'old 2', 'old 3', 'old 4', 'old 5', 'new 1', 'new 2', 'new 3']);
+    assert.deepEqual(await outputLines(page), [
+      'old 1', 'old 2', 'old 3', 'old 4', 'old 5',
+      ...Array.from({ length: fresh }, (_, i) => `new ${i + 1}`),
+    ]);
+    return { id, page };
+  }
+
+  test('a reset (history went back) reloads the view with the new history', async () => {
+    // New events take seqs 6..8, so the page's cursor (10) is past the job's end.
+    const { id, page } = await failoverUnderAPage('reset', 3);
     await waitForState(page, 'live', 60_000);
     jobs.append(id, ['after the reset']);
     await waitForLine(page, 'after the reset');
@@ -600,30 +611,10 @@ describe('eventgate dashboard', { concurrency: 1 }, () => {
   });
 
   test('a reset also when the new history is longer: the id names the event held', async () => {
-    const id = jobs.create('reset-longer');
-    jobs.append(id, Array.from({ length: 10 }, (_, i) => `old ${i + 1}`));
-    const page = await openJob(id);
-    await waitForState(page, 'live');
-    await waitForLine(page, 'old 10');
-    await page.evaluate(() => { window.__beforeReset = true; });
-    // Events 6..10 are gone and 7 new ones take seqs 6..12: the page's cursor (10) is
-    // inside the new history, so only the tag in its Last-Event-ID (`10-<tag>`) tells
-    // that the event it holds at 10 is not the job's. The restarted gateway never saw
-    // the old history.
-    await gw.kill();
-    pg.sql(`BEGIN;
-      DELETE FROM agent_job_events WHERE job_id = '${id}' AND seq > 5;
-      UPDATE agent_jobs SET last_seq = 5, last_line = 5 WHERE id = '${id}';
-      INSERT INTO agent_job_events (job_id, level, message, payload)
-        SELECT '${id}', 'info', 'new ' || i, '{"kind":"log","stream":"stdout"}' FROM generate_series(1, 7) i;
-      COMMIT;`);
-    await gw.start();
-    await waitForLine(page, 'new 7', 60_000);
-    assert.equal(await page.evaluate(() => window.__beforeReset), undefined, 'the page was reloaded');
-    assert.deepEqual(await outputLines(page), [
-      'old 1', 'old 2', 'old 3', 'old 4', 'old 5',
-      'new 1', 'new 2', 'new 3', 'new 4', 'new 5', 'new 6', 'new 7',
-    ]);
+    // New events take seqs 6..12: the page's cursor (10) is inside the new history, so
+    // only the tag in its Last-Event-ID (`10-<tag>`) tells that the event it holds at
+    // 10 is not the job's.
+    const { page } = await failoverUnderAPage('reset-longer', 7);
     await page.close();
   });
 
