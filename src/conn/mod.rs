@@ -81,7 +81,9 @@ pub async fn serve(
     drain: CancellationToken,
 ) {
     if let Some(tls) = shared.tls.clone() {
-        return serve_tls(stream, peer, &shared, drain, &tls).await;
+        // Boxed: the handshake's state (rustls) is ~2.8 KiB, and inline it would be
+        // part of every plain connection's task too (docs/performance.md).
+        return Box::pin(serve_tls(stream, peer, &shared, drain, &tls)).await;
     }
     // A client that sends nothing is cut off like one that sends headers slowly.
     let first = tokio::time::timeout(shared.header_timeout, sniff(&stream)).await;
