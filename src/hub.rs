@@ -71,7 +71,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            channel_capacity: 256,
+            channel_capacity: 64,
             ring_events: 4096,
             ring_bytes: 4 << 20,
             idle_grace: Duration::from_secs(30),

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
@@ -279,11 +280,10 @@ pub async fn run(
             continue;
         };
         let open = Open::new(metrics.clone(), permit);
-        let (shared, drain) = (shared.clone(), drain.clone());
-        connections.spawn(async move {
-            conn::serve(stream, peer, shared, drain).await;
-            drop(open);
-        });
+        // Not an async block around it: that would hold the arguments twice, and the
+        // task's state lives as long as the connection.
+        let serving = conn::serve(stream, peer, shared.clone(), drain.clone());
+        connections.spawn(serving.map(move |()| drop(open)));
     }
 
     tracing::info!("shutting down: draining connections");

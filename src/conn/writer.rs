@@ -102,113 +102,118 @@ pub(super) fn encode_head(
 /// but dropped: this returns `Ok(false)` and the connection closes. A socket that takes
 /// no byte for `send_timeout` while something is due ends the connection with
 /// `TimedOut`; the timer runs only while the socket is full.
-pub(super) async fn pump(
-    stream: &TcpStream,
+// Not an async fn, on purpose: see the comment in the body.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn pump<'a>(
+    stream: &'a TcpStream,
     head: Vec<u8>,
-    body: &mut Body,
+    body: &'a mut Body,
     framing: Framing,
-    backlog: Option<&Backlog>,
+    backlog: Option<&'a Backlog>,
     send_timeout: Duration,
-) -> io::Result<bool> {
-    let chunked = matches!(framing, Framing::Chunked);
-    let mut out = Output {
-        prefix: head,
-        frames: Default::default(),
-        count: 0,
-        last: false,
-        written: 0,
-    };
-    let mut ended = matches!(framing, Framing::None);
-    let mut reusable = true;
-    // Armed when the socket is full with something due; dropped on progress.
-    let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    let tell = |out: &Output| {
-        if let Some(backlog) = backlog {
-            backlog.set_unsent(out.unsent(chunked));
-        }
-    };
-    std::future::poll_fn(|cx| {
-        // Whether the body returned pending in this poll, its waker set.
-        let mut body_waiting = false;
-        loop {
-            while !ended && !body_waiting && out.count < WRITE_BATCH {
-                match Pin::new(&mut *body).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let Ok(data) = frame.into_data() {
-                            if !data.is_empty() {
-                                out.frames[out.count] = data;
-                                out.count += 1;
-                                tell(&out);
+) -> impl std::future::Future<Output = io::Result<bool>> + 'a {
+    // An async block, not an async fn: its arguments are kept once (see `conn::serve`).
+    async move {
+        let chunked = matches!(framing, Framing::Chunked);
+        let mut out = Output {
+            prefix: head,
+            frames: Default::default(),
+            count: 0,
+            last: false,
+            written: 0,
+        };
+        let mut ended = matches!(framing, Framing::None);
+        let mut reusable = true;
+        // Armed when the socket is full with something due; dropped on progress.
+        let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let tell = |out: &Output| {
+            if let Some(backlog) = backlog {
+                backlog.set_unsent(out.unsent(chunked));
+            }
+        };
+        std::future::poll_fn(|cx| {
+            // Whether the body returned pending in this poll, its waker set.
+            let mut body_waiting = false;
+            loop {
+                while !ended && !body_waiting && out.count < WRITE_BATCH {
+                    match Pin::new(&mut *body).poll_frame(cx) {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            if let Ok(data) = frame.into_data() {
+                                if !data.is_empty() {
+                                    out.frames[out.count] = data;
+                                    out.count += 1;
+                                    tell(&out);
+                                }
                             }
                         }
-                    }
-                    Poll::Ready(Some(Err(never))) => match never {},
-                    Poll::Ready(None) => {
-                        if backlog.is_some_and(Backlog::is_over) {
-                            // Over budget: what is held is dropped, not sent.
-                            return Poll::Ready(Ok(false));
+                        Poll::Ready(Some(Err(never))) => match never {},
+                        Poll::Ready(None) => {
+                            if backlog.is_some_and(Backlog::is_over) {
+                                // Over budget: what is held is dropped, not sent.
+                                return Poll::Ready(Ok(false));
+                            }
+                            ended = true;
+                            out.last = chunked;
                         }
-                        ended = true;
-                        out.last = chunked;
+                        Poll::Pending => body_waiting = true,
                     }
-                    Poll::Pending => body_waiting = true,
                 }
-            }
-            if out.is_pending() {
-                match stream.poll_write_ready(cx) {
-                    Poll::Pending => {
-                        let timer = stalled
-                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(send_timeout)));
-                        if timer.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+                if out.is_pending() {
+                    match stream.poll_write_ready(cx) {
+                        Poll::Pending => {
+                            let timer = stalled
+                                .get_or_insert_with(|| Box::pin(tokio::time::sleep(send_timeout)));
+                            if timer.as_mut().poll(cx).is_ready() {
+                                return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+                            }
+                            return Poll::Pending;
                         }
-                        return Poll::Pending;
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Ok(())) => {}
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(())) => {}
-                }
-                let before = out.written;
-                let result = out.try_write(stream, chunked);
-                if out.written != before {
-                    stalled = None;
-                }
-                match result {
-                    Ok(true) => {
+                    let before = out.written;
+                    let result = out.try_write(stream, chunked);
+                    if out.written != before {
                         stalled = None;
-                        out.clear();
-                        tell(&out);
                     }
-                    // Part of it, or none: try again until the socket says it is full.
-                    Ok(false) => {
-                        tell(&out);
-                        continue;
+                    match result {
+                        Ok(true) => {
+                            stalled = None;
+                            out.clear();
+                            tell(&out);
+                        }
+                        // Part of it, or none: try again until the socket says it is full.
+                        Ok(false) => {
+                            tell(&out);
+                            continue;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Poll::Ready(Err(e)),
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                if ended {
+                    return Poll::Ready(Ok(reusable));
+                }
+                if !body_waiting {
+                    // The batch was full: gather more.
+                    continue;
+                }
+                match stream.poll_read_ready(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => match read_stray(stream) {
+                        Err(e) => return Poll::Ready(Err(e)),
+                        Ok(Some(false)) => return Poll::Ready(Ok(false)),
+                        // Bytes while streaming: a pipelined request. It is not answered;
+                        // the connection closes after the stream instead.
+                        Ok(Some(true)) => reusable = false,
+                        Ok(None) => {}
+                    },
                 }
             }
-            if ended {
-                return Poll::Ready(Ok(reusable));
-            }
-            if !body_waiting {
-                // The batch was full: gather more.
-                continue;
-            }
-            match stream.poll_read_ready(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => match read_stray(stream) {
-                    Err(e) => return Poll::Ready(Err(e)),
-                    Ok(Some(false)) => return Poll::Ready(Ok(false)),
-                    // Bytes while streaming: a pipelined request. It is not answered;
-                    // the connection closes after the stream instead.
-                    Ok(Some(true)) => reusable = false,
-                    Ok(None) => {}
-                },
-            }
-        }
-    })
-    .await
+        })
+        .await
+    }
 }
 
 /// What is due on the wire: a response head, then frames, then the last chunk.
