@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deadpool_postgres::Pool;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -118,6 +118,9 @@ struct Inner {
     /// since `epoch` (see [`QUIET_AFTER`]).
     last_news_ms: AtomicU64,
     epoch: Instant,
+    /// Wakes the counter poll out of its quiet sleep: news after a quiet spell, or the
+    /// LISTEN session lost.
+    poll_wake: Notify,
 }
 
 /// The shared state of one job.
@@ -226,6 +229,7 @@ impl Hub {
                 keep_alive_last: AtomicU64::new(KEEP_ALIVE_GROUPS - 1),
                 last_news_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
+                poll_wake: Notify::new(),
             }),
         }
     }
@@ -404,6 +408,8 @@ impl Hub {
         for job in self.jobs().values() {
             job.lock().suspect();
         }
+        // Without LISTEN the counter poll is the way in: at its full pace at once.
+        self.inner.poll_wake.notify_one();
     }
 
     /// The job's last seq in the table now, or `None` if the job is gone.
@@ -765,7 +771,11 @@ impl Hub {
 
     fn saw_news(&self) {
         let ms = self.inner.epoch.elapsed().as_millis() as u64;
-        self.inner.last_news_ms.store(ms, Ordering::Relaxed);
+        let last = self.inner.last_news_ms.swap(ms, Ordering::Relaxed);
+        if ms.saturating_sub(last) > QUIET_AFTER.as_millis() as u64 {
+            // The first news after a quiet spell: the poll goes back to its pace.
+            self.inner.poll_wake.notify_one();
+        }
     }
 
     /// Whether nothing came for [`QUIET_AFTER`].
@@ -799,8 +809,19 @@ impl Hub {
                     _ = ticker.tick() => {}
                     _ = hub.inner.stop.cancelled() => return,
                 }
-                if hub.is_quiet() && listening() && last_poll.elapsed() < QUIET_POLL {
-                    continue;
+                if hub.is_quiet() && listening() {
+                    // Asleep until the quiet poll is due, or news or a lost LISTEN
+                    // session wakes it, not woken by every tick (an idle replica's
+                    // runtime would wake 50 times a second for nothing).
+                    let due = tokio::time::Instant::from_std(last_poll + QUIET_POLL);
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due) => {}
+                        _ = hub.inner.poll_wake.notified() => {
+                            ticker.reset();
+                            continue;
+                        }
+                        _ = hub.inner.stop.cancelled() => return,
+                    }
                 }
                 last_poll = Instant::now();
                 match hub.poll_counters().await {
