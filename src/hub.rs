@@ -52,6 +52,11 @@ const QUIET_AFTER: Duration = Duration::from_secs(2);
 /// The counter poll's interval on a quiet system: a safety net, not the way in.
 const QUIET_POLL: Duration = Duration::from_secs(1);
 
+/// Whether news at `last` and at `now` (milliseconds) are more than [`QUIET_AFTER`] apart.
+fn quiet_between(last: u64, now: u64) -> bool {
+    now.saturating_sub(last) > QUIET_AFTER.as_millis() as u64
+}
+
 /// How long a new subscriber waits for the database before getting a 503.
 const SUBSCRIBE_PATIENCE: Duration = Duration::from_secs(15);
 
@@ -770,9 +775,9 @@ impl Hub {
     }
 
     fn saw_news(&self) {
-        let ms = self.inner.epoch.elapsed().as_millis() as u64;
-        let last = self.inner.last_news_ms.swap(ms, Ordering::Relaxed);
-        if ms.saturating_sub(last) > QUIET_AFTER.as_millis() as u64 {
+        let now = self.now_ms();
+        let last = self.inner.last_news_ms.swap(now, Ordering::Relaxed);
+        if quiet_between(last, now) {
             // The first news after a quiet spell: the poll goes back to its pace.
             self.inner.poll_wake.notify_one();
         }
@@ -780,9 +785,15 @@ impl Hub {
 
     /// Whether nothing came for [`QUIET_AFTER`].
     fn is_quiet(&self) -> bool {
-        let now = self.inner.epoch.elapsed().as_millis() as u64;
-        let last = self.inner.last_news_ms.load(Ordering::Relaxed);
-        now.saturating_sub(last) > QUIET_AFTER.as_millis() as u64
+        quiet_between(
+            self.inner.last_news_ms.load(Ordering::Relaxed),
+            self.now_ms(),
+        )
+    }
+
+    /// Milliseconds since the hub's `epoch`.
+    fn now_ms(&self) -> u64 {
+        self.inner.epoch.elapsed().as_millis() as u64
     }
 
     /// Starts the counter poll: every `interval`, one query delivers what debounced or

@@ -1,4 +1,5 @@
-# Kernel cost of one small write to an idle loopback TCP stream whose reader waits in epoll.
+# Kernel cost of one keep-alive: a small write to an idle loopback TCP stream whose
+# reader waits in epoll. Usage: python3 keepalive_floor.py [streams] (docs/performance.md).
 import socket, selectors, os, sys, resource, time, signal
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
 ROUNDS = 5
@@ -19,7 +20,8 @@ conns = []
 for i in range(N):
     s, _ = srv.accept(); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1); conns.append(s)
 time.sleep(1)
-msg = b"d\r\n: keep-alive\n\n\r\n"[:18]
+# Exactly what the gateway writes for a keep-alive: `: keep-alive\n\n` as one chunk.
+msg = b"e\r\n: keep-alive\n\n\r\n"
 for r in range(ROUNDS):
     a = resource.getrusage(resource.RUSAGE_SELF); t = time.perf_counter()
     for s in conns: s.send(msg)
