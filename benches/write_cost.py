@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a 10-row INSERT's time goes: the project's table taken apart, piece by piece.
 
-    cargo build --release --bin eventgate && python3 benches/write_cost.py [--reps 5] [--statements 15000]
+    cargo build --release --bin eventgate && python3 benches/write_cost.py [--reps 5] [--statements 15000] [--adopted]
 
 Issue 15's reference (only the `(job_id, seq)` key, one counter UPDATE per statement,
 no trigger, no foreign key) against `agent_job_events` as `eventgate migrate` leaves
@@ -12,6 +12,8 @@ not hide the CPU, and the figure is the backend's CPU per statement, read from
 /proc/<pid>/stat before and after: a figure the machine's load moves far less than a
 rate. Variants take turns in a rotating order; medians over the repetitions
 (lowest-highest). A throwaway cluster (fsync on) is started and removed here.
+`--adopted`: the original system's database (the layout of tests/adopt.rs, with its two
+further indexes on agent_job_events) adopted by `eventgate migrate`, as a drop-in runs.
 Output, never an assertion: the figures belong in docs/performance.md.
 """
 
@@ -30,9 +32,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESSAGE = "1234567890123456"
 PAYLOAD = '{"kind": "log", "stream": "stdout"}'
 
-SETUP = """
+JOBS = """
 INSERT INTO agent_jobs (id, name, status)
      SELECT gen_random_uuid(), 'bench', 'running' FROM generate_series(1, 1000);
+"""
+# The original's agent_jobs has no `name`, and `type` and `payload` have no default.
+ADOPTED_JOBS = """
+INSERT INTO agent_jobs (id, type, payload, status)
+     SELECT gen_random_uuid(), 'bench', '{}', 'running' FROM generate_series(1, 1000);
+"""
+
+SETUP = """
 -- Issue 15's reference: counters in a narrow table of their own, one key.
 CREATE TABLE ref_jobs (id uuid PRIMARY KEY, last_seq bigint NOT NULL DEFAULT 0,
                        last_line bigint NOT NULL DEFAULT 0);
@@ -86,6 +96,13 @@ VARIANTS = [
      plain_insert("agent_job_events")),
     ("ours", "agent_job_events as migrated, default (adaptive NOTIFY)", "", plain_insert("agent_job_events")),
 ]
+
+
+def original_layout():
+    """The original system's two tables, as tests/adopt.rs creates them."""
+    text = open(os.path.join(ROOT, "tests/adopt.rs")).read()
+    start = text.index('const ORIGINAL_LAYOUT: &str = r#"') + len('const ORIGINAL_LAYOUT: &str = r#"')
+    return text[start:text.index('"#;', start)]
 
 
 def free_port():
@@ -168,12 +185,18 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--statements", type=int, default=15000)
     parser.add_argument("--eventgate", default=os.path.join(ROOT, "target/release/eventgate"))
+    parser.add_argument("--adopted", action="store_true", help="the original's database, adopted")
     args = parser.parse_args()
     cluster = Cluster()
     try:
+        def sql(text):
+            subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", cluster.url, "-c", text], check=True)
+
+        if args.adopted:
+            sql(original_layout())
         env = {**os.environ, "DATABASE_URL": cluster.url}
         subprocess.run([args.eventgate, "migrate"], check=True, env=env, stdout=subprocess.DEVNULL)
-        subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", cluster.url, "-c", SETUP], check=True)
+        sql((ADOPTED_JOBS if args.adopted else JOBS) + SETUP)
         jobs = subprocess.run(["psql", "-X", "-tA", "-d", cluster.url, "-c", "SELECT id FROM agent_jobs ORDER BY id"],
                               check=True, capture_output=True, text=True).stdout.split()
         load = os.getloadavg()[0]
@@ -186,7 +209,8 @@ def main():
                 results[name].append(us)
                 print(f"rep {rep + 1}/{args.reps} {name}: {us:.0f} us", file=sys.stderr, flush=True)
         reference = statistics.median(results["reference"])
-        print(f"\n{started}, {args.statements} statements x {args.reps} reps per variant, "
+        layout = "the original's database, adopted" if args.adopted else "a fresh database"
+        print(f"\n{started}, {layout}, {args.statements} statements x {args.reps} reps per variant, "
               f"1-minute load {load:.2f} before, {os.getloadavg()[0]:.2f} after\n")
         print("| variant | what | backend CPU per 10-row statement | reference / variant |")
         print("|---|---|---:|---:|")
