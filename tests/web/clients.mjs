@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { EventSource } from 'eventsource';
-import { Gateway, Jobs, Postgres, bin, migrate, sleep, waitUntil } from './harness.mjs';
+import { sleep, startStack, waitUntil } from './harness.mjs';
 
 const here = path.dirname(new URL(import.meta.url).pathname);
 
@@ -74,19 +74,14 @@ function pythonFrames(py, url, lastEventId) {
 }
 
 describe('SSE clients we did not write', { concurrency: 1 }, () => {
+  let stack;
   before(async () => {
-    assert.ok(fs.existsSync(bin), `no gateway binary at ${bin}: run cargo build first`);
-    pg = new Postgres();
-    await pg.start();
-    migrate(pg.url);
-    gw = new Gateway(pg.url);
-    await gw.start();
-    jobs = new Jobs(pg);
+    stack = await startStack();
+    ({ pg, gw, jobs } = stack);
   });
 
   after(async () => {
-    if (gw) await gw.stop();
-    if (pg) pg.stop();
+    if (stack) await stack.stop();
   });
 
   test('npm eventsource: live, resumes across a gateway crash with exactly the rest, stops at the end', async () => {

@@ -157,6 +157,26 @@ export function migrate(databaseUrl) {
   if (r.status !== 0) throw new Error(`eventgate migrate failed: ${r.stderr}`);
 }
 
+/** A throwaway PostgreSQL, migrated, and one gateway on it: what most test files start
+ * with. `stop()` takes both down. */
+export async function startStack() {
+  if (!fs.existsSync(bin)) throw new Error(`no gateway binary at ${bin}: run cargo build first`);
+  const pg = new Postgres();
+  await pg.start();
+  migrate(pg.url);
+  const gw = new Gateway(pg.url);
+  await gw.start();
+  return {
+    pg,
+    gw,
+    jobs: new Jobs(pg),
+    async stop() {
+      await gw.stop();
+      pg.stop();
+    },
+  };
+}
+
 /** Debian's Chromium, headless, with a fresh profile directory; never downloaded. */
 export async function launchBrowser() {
   if (!fs.existsSync(CHROMIUM)) {

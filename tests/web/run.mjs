@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import {
-  Gateway, Jobs, OUTPUT, Postgres, atBottom, bin, launchBrowser, migrate, outputLines, settle,
+  OUTPUT, atBottom, launchBrowser, outputLines, settle, startStack,
   sleep, waitForLine, waitForState, waitUntil,
 } from './harness.mjs';
 
@@ -33,21 +33,16 @@ async function openJob(id, options = {}) {
 }
 
 describe('eventgate dashboard', { concurrency: 1 }, () => {
+  let stack;
   before(async () => {
-    assert.ok(fs.existsSync(bin), `no gateway binary at ${bin}: run cargo build first`);
-    pg = new Postgres();
-    await pg.start();
-    migrate(pg.url);
-    gw = new Gateway(pg.url);
-    await gw.start();
-    jobs = new Jobs(pg);
+    stack = await startStack();
+    ({ pg, gw, jobs } = stack);
     browser = await launchBrowser();
   });
 
   after(async () => {
     if (browser) await browser.close();
-    if (gw) await gw.stop();
-    if (pg) pg.stop();
+    if (stack) await stack.stop();
   });
 
   test('lines appear live as rows are inserted', async () => {
