@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a 10-row INSERT's time goes: the project's table taken apart, piece by piece.
 
-    cargo build --release --bin eventgate && python3 benches/write_cost.py [--reps 5] [--statements 15000] [--adopted]
+    cargo build --release --bin eventgate && python3 benches/write_cost.py [--reps 5] [--statements 15000] [--rows 10] [--adopted]
 
 Issue 15's reference (only the `(job_id, seq)` key, one counter UPDATE per statement,
 no trigger, no foreign key) against `agent_job_events` as `eventgate migrate` leaves
@@ -43,7 +43,8 @@ INSERT INTO agent_jobs (id, type, payload, status)
 """
 
 SETUP = """
--- Issue 15's reference: counters in a narrow table of their own, one key.
+-- Issue 15's reference, as benches/notify.rs's REFERENCE_SCHEMA (keep the two alike):
+-- counters in a narrow table of their own, one key.
 CREATE TABLE ref_jobs (id uuid PRIMARY KEY, last_seq bigint NOT NULL DEFAULT 0,
                        last_line bigint NOT NULL DEFAULT 0);
 INSERT INTO ref_jobs (id) SELECT id FROM agent_jobs;
@@ -64,18 +65,19 @@ CREATE TRIGGER agent_job_events_statement_end AFTER INSERT ON triggers_nofk
 
 
 def counter_cte(table, counters, ids):
-    """One statement the reference's way: one counter UPDATE, then the rows."""
-    return f"""WITH c AS (UPDATE {counters} SET last_seq = last_seq + 10, last_line = last_line + 10
-                WHERE id = $1 RETURNING last_seq - 10 AS seq0, last_line - 10 AS line0)
+    """One statement of $2 rows (a literal, put in by `measure`, so that the plan is the
+    one a client's statement gets) the reference's way: one counter UPDATE, then the rows."""
+    return f"""WITH c AS (UPDATE {counters} SET last_seq = last_seq + $2, last_line = last_line + $2
+                WHERE id = $1 RETURNING last_seq - $2 AS seq0, last_line - $2 AS line0)
     INSERT INTO {table} (id, job_id, seq, line, level, message, payload, created_at)
     SELECT {ids}, $1, c.seq0 + g, c.line0 + g, 'info', '{MESSAGE}', '{PAYLOAD}', clock_timestamp()
-      FROM c, generate_series(1, 10) g"""
+      FROM c, generate_series(1, $2) g"""
 
 
 def plain_insert(table):
-    """One statement the way any client writes: no seq, no line, no id."""
+    """One statement of $2 rows the way any client writes: no seq, no line, no id."""
     return f"""INSERT INTO {table} (job_id, level, message, payload)
-    SELECT $1, 'info', '{MESSAGE}', '{PAYLOAD}' FROM generate_series(1, 10)"""
+    SELECT $1, 'info', '{MESSAGE}', '{PAYLOAD}' FROM generate_series(1, $2)"""
 
 
 UUID7 = "eventgate_uuid7(clock_timestamp(), c.seq0 + g)"
@@ -149,11 +151,12 @@ def backend_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(url, jobs, setting, statement, count):
+def measure(url, jobs, setting, statement, count, rows):
     """Backend CPU per statement, in microseconds, over `count` statements."""
     psql = subprocess.Popen(["psql", "-X", "-q", "-tA", "-v", "ON_ERROR_STOP=1", "-d", url],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
     prelude = "SET synchronous_commit = off;\n" + (setting + ";\n" if setting else "")
+    statement = statement.replace("$2", str(rows))
     psql.stdin.write(prelude + f"PREPARE s(uuid) AS {statement};\nSELECT pg_backend_pid();\n")
     psql.stdin.flush()
     pid = int(psql.stdout.readline())
@@ -184,6 +187,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--statements", type=int, default=15000)
+    parser.add_argument("--rows", type=int, default=10, help="rows per statement")
     parser.add_argument("--eventgate", default=os.path.join(ROOT, "target/release/eventgate"))
     parser.add_argument("--adopted", action="store_true", help="the original's database, adopted")
     args = parser.parse_args()
@@ -205,14 +209,14 @@ def main():
         for rep in range(args.reps):
             order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[:rep % len(VARIANTS)]
             for name, _, setting, statement in order:
-                us = measure(cluster.url, jobs, setting, statement, args.statements)
+                us = measure(cluster.url, jobs, setting, statement, args.statements, args.rows)
                 results[name].append(us)
                 print(f"rep {rep + 1}/{args.reps} {name}: {us:.0f} us", file=sys.stderr, flush=True)
         reference = statistics.median(results["reference"])
         layout = "the original's database, adopted" if args.adopted else "a fresh database"
-        print(f"\n{started}, {layout}, {args.statements} statements x {args.reps} reps per variant, "
+        print(f"\n{started}, {layout}, {args.statements} statements of {args.rows} rows x {args.reps} reps per variant, "
               f"1-minute load {load:.2f} before, {os.getloadavg()[0]:.2f} after\n")
-        print("| variant | what | backend CPU per 10-row statement | reference / variant |")
+        print(f"| variant | what | backend CPU per {args.rows}-row statement | reference / variant |")
         print("|---|---|---:|---:|")
         for name, what, _, _ in VARIANTS:
             v = results[name]
